@@ -1,0 +1,142 @@
+"""The Python API: load a model once, then generate or chat, streaming or not.
+
+    import flashjax
+    llm = flashjax.load("smollm2")
+    print(llm.generate("The capital of France is", max_tokens=20).text)
+    for chunk in llm.stream_chat([{"role": "user", "content": "Hi!"}]):
+        print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from flashjax.config import EngineConfig, ModelConfig
+from flashjax.engine import DenseRunner, GenerationResult, _all_logits, generate_tokens
+from flashjax.model.params import load_params, tree_nbytes
+from flashjax.model.transformer import init_kv_cache
+from flashjax.sampling import SamplingParams
+from flashjax.weights import open_model_source
+
+
+@dataclasses.dataclass
+class StreamChunk:
+    """One piece of streamed output. The last chunk carries the whole result."""
+
+    text: str
+    token: int | None
+    result: GenerationResult | None = None
+
+
+Messages = Sequence[dict] | str
+
+
+class LLM:
+    """A loaded model with its tokenizer and engine."""
+
+    def __init__(self, config: ModelConfig, params, tokenizer, engine_config: EngineConfig = EngineConfig(),
+                 name: str = ""):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.engine_config = engine_config
+        self.name = name
+        self.runner = DenseRunner(config, params, engine_config)
+
+    @classmethod
+    def load(cls, model: str = "smollm2", *, compute_dtype: str = "float32", max_context: int | None = None,
+             progress: bool = True) -> "LLM":
+        """`model`: "smollm2" (the built-in default), a Hugging Face directory, or a .gguf file."""
+        source = open_model_source(model)
+        engine_config = EngineConfig(compute_dtype=compute_dtype, max_context=max_context)
+        params = load_params(source, jnp.dtype(compute_dtype), progress=progress)
+        return cls(source.config, params, source.tokenizer(), engine_config, name=str(model))
+
+    # ---- token level ------------------------------------------------------
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
+        return ids or self.config.eos_token_ids
+
+    def generate_ids(self, prompt_ids: Sequence[int], *, max_tokens: int = 256,
+                     sampling: SamplingParams = SamplingParams(), stop_at_eos: bool = True):
+        """Generator of token ids; its return value (StopIteration.value) is the stats dict."""
+        eos = self.eos_token_ids if stop_at_eos else ()
+        return generate_tokens(self.runner, self.config, self.engine_config, prompt_ids, max_tokens, sampling, eos)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits [T, V] for every position of `token_ids` in one forward pass (float32)."""
+        tokens = np.asarray(token_ids, np.int32)[None]
+        cache = init_kv_cache(self.config, 1, tokens.shape[1], self.runner.compute_dtype)
+        return np.asarray(_all_logits(self.config, self.params, tokens, cache)[0], np.float32)
+
+    @property
+    def weight_bytes(self) -> int:
+        return tree_nbytes(self.params)
+
+    # ---- text level -------------------------------------------------------
+
+    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+               ) -> Iterator[StreamChunk]:
+        """Streams a continuation of the raw prompt (text or token ids)."""
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        return self._stream(prompt_ids, max_tokens, SamplingParams(temperature, top_k, top_p, seed), stop_at_eos)
+
+    def generate(self, prompt: str | Sequence[int], **options) -> GenerationResult:
+        """Like `stream`, but returns the whole result at once."""
+        return _last(self.stream(prompt, **options)).result
+
+    def stream_chat(self, messages: Messages, **options) -> Iterator[StreamChunk]:
+        """Applies the model's chat template, then streams the reply."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        return self.stream(self.tokenizer.encode(text, add_special_tokens=False), **options)
+
+    def chat(self, messages: Messages, **options) -> GenerationResult:
+        return _last(self.stream_chat(messages, **options)).result
+
+    def _stream(self, prompt_ids, max_tokens, sampling, stop_at_eos) -> Iterator[StreamChunk]:
+        from flashjax.tokenizer import StreamDecoder
+
+        decoder = StreamDecoder(self.tokenizer)
+        eos = set(self.eos_token_ids) if stop_at_eos else set()
+        tokens: list[int] = []
+        gen = self.generate_ids(prompt_ids, max_tokens=max_tokens, sampling=sampling, stop_at_eos=stop_at_eos)
+        while True:
+            try:
+                token = next(gen)
+            except StopIteration as done:
+                stats = done.value
+                break
+            tokens.append(token)
+            # The end-of-sequence token ends the text; it is not part of it.
+            piece = "" if token in eos else decoder.feed(token)
+            if piece:
+                yield StreamChunk(piece, token)
+        tail = decoder.flush()
+        text_tokens = [t for t in tokens if t not in eos]
+        result = GenerationResult(self.tokenizer.decode(text_tokens), list(prompt_ids), tokens,
+                                  stats["finish_reason"], stats)
+        yield StreamChunk(tail, None, result)
+
+
+def _last(iterator):
+    item = None
+    for item in iterator:
+        pass
+    return item
+
+
+def load(model: str = "smollm2", **options) -> LLM:
+    """Loads a model: see `LLM.load`."""
+    return LLM.load(model, **options)

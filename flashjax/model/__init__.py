@@ -1,0 +1,1 @@
+"""Flax modules and the per-layer functions the engines compose."""

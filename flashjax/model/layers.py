@@ -1,0 +1,162 @@
+"""Flax (linen) modules: norms, embeddings, attention with a KV cache, the dense FFN.
+
+Parameters are never initialised here: they come from a checkpoint and are
+passed to `Module.apply` as arguments, so the modules declare their
+parameters only to name them. Weight matrices keep the checkpoint layout
+[out_features, in_features].
+
+Axis letters in einsum strings: B batch, T query positions, S cache slots (KV cache [B, K, S, H]),
+D d_model, K kv heads, G query heads per kv head, H head dim, F d_ffn, V vocab.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flashjax.config import ModelConfig
+
+
+def _declared(module: nn.Module, name: str, shape, dtype=jnp.float32):
+    # Checkpoint-loaded parameter; the initialiser only runs if someone calls `init`.
+    return module.param(name, nn.initializers.zeros, shape, dtype)
+
+
+class Norm(nn.Module):
+    """RMSNorm (Llama family) or LayerNorm (OPT), computed in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        d = self.cfg.d_model
+        scale = _declared(self, "scale", (d,))
+        x32 = x.astype(jnp.float32)
+        if self.cfg.norm == "rms":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+            return (y.astype(x.dtype) * scale).astype(x.dtype)
+        bias = _declared(self, "bias", (d,))
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.norm_eps)
+        return (y * scale + bias).astype(x.dtype)
+
+
+class Embedder(nn.Module):
+    """Token (and, for OPT, learned position) embeddings in; logits out."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        self.embedding = _declared(self, "embedding", (c.vocab_size, c.d_model))
+        if not c.uses_rope:
+            self.positions = _declared(self, "positions", (c.max_position + c.position_offset, c.d_model))
+
+    def encode(self, tokens, positions):
+        # [B, T, D]
+        x = jnp.take(self.embedding, tokens, axis=0)
+        if not self.cfg.uses_rope:
+            x = x + jnp.take(self.positions, positions + self.cfg.position_offset, axis=0)
+        return x
+
+    def decode(self, x, lm_head=None):
+        table = self.embedding if lm_head is None else lm_head
+        # [B, T, V]
+        return jnp.einsum("btd,vd->btv", x, table)
+
+
+def rope(x, positions, inv_freq):
+    """Rotary embedding, Hugging Face convention (rotate the two halves of each head)."""
+    # [B, T, H/2]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention over a fixed-capacity KV cache.
+
+    The cache slot of a token is its absolute position, so writing T new
+    tokens at `start` is one dynamic_update_slice and the mask is a
+    comparison of slot and query positions: no shape depends on the step.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, start, cache_k, cache_v, inv_freq):
+        c = self.cfg
+        d, hd, n_q, n_kv = c.d_model, c.head_dim, c.n_heads, c.n_kv_heads
+
+        def project(name, bias_name, out, has_bias):
+            w = _declared(self, name, (out, d))
+            y = jnp.einsum("btd,od->bto", x, w)
+            if has_bias:
+                y = y + _declared(self, bias_name, (out,))
+            return y
+
+        b, t, _ = x.shape
+        # [B, T, K, G, H] and [B, T, K, H]
+        q = project("wq", "bq", n_q * hd, c.qkv_bias).reshape(b, t, n_kv, c.q_per_kv, hd)
+        k = project("wk", "bk", n_kv * hd, c.qkv_bias).reshape(b, t, n_kv, hd)
+        v = project("wv", "bv", n_kv * hd, c.qkv_bias).reshape(b, t, n_kv, hd)
+        if c.uses_rope:
+            q = rope(q.reshape(b, t, n_q, hd), positions, inv_freq).reshape(q.shape)
+            k = rope(k, positions, inv_freq)
+
+        # [B, K, S, H]: kv heads outermost so the attention dots need no transpose of the cache.
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), (0, 0, start, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, start, 0))
+
+        # [B, K, G, T, S]
+        scores = jnp.einsum("btkgh,bksh->bkgts", q, cache_k).astype(jnp.float32) * (hd ** -0.5)
+        slots = jnp.arange(cache_k.shape[2])
+        visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        if c.sliding_window is not None:
+            visible &= slots[None, None, :] > positions[:, :, None] - c.sliding_window
+        scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        # [B, T, K, G, H]
+        ctx = jnp.einsum("bkgts,bksh->btkgh", probs, cache_v).reshape(b, t, n_q * hd)
+
+        wo = _declared(self, "wo", (d, n_q * hd))
+        out = jnp.einsum("bti,di->btd", ctx, wo)
+        if c.o_bias:
+            out = out + _declared(self, "bo", (d,))
+        return out, cache_k, cache_v
+
+
+def ffn_activation(cfg: ModelConfig, gate, up):
+    """Per-neuron activation: silu(gate) * up for SwiGLU, relu(up) for OPT."""
+    return jax.nn.silu(gate) * up if cfg.is_glu else jax.nn.relu(up)
+
+
+class DenseFFN(nn.Module):
+    """The feed-forward block with every neuron resident."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h):
+        c = self.cfg
+        w_up = _declared(self, "w_up", (c.d_ffn, c.d_model))
+        # [B, T, F]
+        up = jnp.einsum("btd,fd->btf", h, w_up)
+        if c.ffn_bias:
+            up = up + _declared(self, "b_up", (c.d_ffn,))
+        gate = None
+        if c.is_glu:
+            gate = jnp.einsum("btd,fd->btf", h, _declared(self, "w_gate", (c.d_ffn, c.d_model)))
+            if c.ffn_bias:
+                gate = gate + _declared(self, "b_gate", (c.d_ffn,))
+        act = ffn_activation(c, gate, up)
+        # [B, T, D]
+        out = jnp.einsum("btf,df->btd", act, _declared(self, "w_down", (c.d_model, c.d_ffn)))
+        if c.ffn_bias:
+            out = out + _declared(self, "b_down", (c.d_model,))
+        return out

@@ -1,0 +1,119 @@
+"""Checkpoint tensor names -> flashjax parameter paths, written as data.
+
+Each row: (flashjax path, Hugging Face name, GGUF name, needed-when). `{i}` is
+the layer index. A per-tensor hook (`_gguf_unpermute`) undoes the reordering
+llama.cpp applies to q/k projections; everything else is copied as stored.
+All weight matrices keep the Hugging Face layout [out_features, in_features].
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+from flashjax.config import ModelConfig
+
+# needed-when predicates over the config
+_always = lambda c: True
+_qkv_bias = lambda c: c.qkv_bias
+_o_bias = lambda c: c.o_bias
+_ffn_bias = lambda c: c.ffn_bias
+_untied = lambda c: not c.tie_embeddings
+_glu = lambda c: c.is_glu
+
+LLAMA_TABLE = [
+    ("embed.embedding", "model.embed_tokens.weight", "token_embd.weight", _always),
+    ("final_norm.scale", "model.norm.weight", "output_norm.weight", _always),
+    ("lm_head", "lm_head.weight", "output.weight", _untied),
+    ("layers.{i}.attn_norm.scale", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", _always),
+    ("layers.{i}.attn.wq", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight", _always),
+    ("layers.{i}.attn.wk", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight", _always),
+    ("layers.{i}.attn.wv", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight", _always),
+    ("layers.{i}.attn.wo", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight", _always),
+    ("layers.{i}.attn.bq", "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias", _qkv_bias),
+    ("layers.{i}.attn.bk", "model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias", _qkv_bias),
+    ("layers.{i}.attn.bv", "model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias", _qkv_bias),
+    ("layers.{i}.attn.bo", "model.layers.{i}.self_attn.o_proj.bias", "blk.{i}.attn_output.bias", _o_bias),
+    ("layers.{i}.ffn_norm.scale", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", _always),
+    ("layers.{i}.ffn.w_gate", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", _always),
+    ("layers.{i}.ffn.w_up", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", _always),
+    ("layers.{i}.ffn.w_down", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", _always),
+    ("layers.{i}.ffn.b_gate", "model.layers.{i}.mlp.gate_proj.bias", None, _ffn_bias),
+    ("layers.{i}.ffn.b_up", "model.layers.{i}.mlp.up_proj.bias", None, _ffn_bias),
+    ("layers.{i}.ffn.b_down", "model.layers.{i}.mlp.down_proj.bias", None, _ffn_bias),
+]
+
+OPT_TABLE = [
+    ("embed.embedding", "model.decoder.embed_tokens.weight", None, _always),
+    ("embed.positions", "model.decoder.embed_positions.weight", None, _always),
+    ("final_norm.scale", "model.decoder.final_layer_norm.weight", None, _always),
+    ("final_norm.bias", "model.decoder.final_layer_norm.bias", None, _always),
+    ("lm_head", "lm_head.weight", None, _untied),
+    ("layers.{i}.attn_norm.scale", "model.decoder.layers.{i}.self_attn_layer_norm.weight", None, _always),
+    ("layers.{i}.attn_norm.bias", "model.decoder.layers.{i}.self_attn_layer_norm.bias", None, _always),
+    ("layers.{i}.attn.wq", "model.decoder.layers.{i}.self_attn.q_proj.weight", None, _always),
+    ("layers.{i}.attn.wk", "model.decoder.layers.{i}.self_attn.k_proj.weight", None, _always),
+    ("layers.{i}.attn.wv", "model.decoder.layers.{i}.self_attn.v_proj.weight", None, _always),
+    ("layers.{i}.attn.wo", "model.decoder.layers.{i}.self_attn.out_proj.weight", None, _always),
+    ("layers.{i}.attn.bq", "model.decoder.layers.{i}.self_attn.q_proj.bias", None, _qkv_bias),
+    ("layers.{i}.attn.bk", "model.decoder.layers.{i}.self_attn.k_proj.bias", None, _qkv_bias),
+    ("layers.{i}.attn.bv", "model.decoder.layers.{i}.self_attn.v_proj.bias", None, _qkv_bias),
+    ("layers.{i}.attn.bo", "model.decoder.layers.{i}.self_attn.out_proj.bias", None, _o_bias),
+    ("layers.{i}.ffn_norm.scale", "model.decoder.layers.{i}.final_layer_norm.weight", None, _always),
+    ("layers.{i}.ffn_norm.bias", "model.decoder.layers.{i}.final_layer_norm.bias", None, _always),
+    ("layers.{i}.ffn.w_up", "model.decoder.layers.{i}.fc1.weight", None, _always),
+    ("layers.{i}.ffn.b_up", "model.decoder.layers.{i}.fc1.bias", None, _ffn_bias),
+    ("layers.{i}.ffn.w_down", "model.decoder.layers.{i}.fc2.weight", None, _always),
+    ("layers.{i}.ffn.b_down", "model.decoder.layers.{i}.fc2.bias", None, _ffn_bias),
+]
+
+
+def expected_shape(cfg: ModelConfig, path: str) -> tuple[int, ...]:
+    """The shape flashjax needs for a parameter path (after any hook)."""
+    d, f, hd, v = cfg.d_model, cfg.d_ffn, cfg.head_dim, cfg.vocab_size
+    leaf = path.rsplit(".", 1)[-1]
+    shapes = {
+        "embedding": (v, d), "positions": (cfg.max_position + cfg.position_offset, d), "lm_head": (v, d),
+        "scale": (d,), "bias": (d,),
+        "wq": (cfg.n_heads * hd, d), "wk": (cfg.n_kv_heads * hd, d), "wv": (cfg.n_kv_heads * hd, d),
+        "wo": (d, cfg.n_heads * hd), "bq": (cfg.n_heads * hd,), "bk": (cfg.n_kv_heads * hd,),
+        "bv": (cfg.n_kv_heads * hd,), "bo": (d,),
+        "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f), "b_gate": (f,), "b_up": (f,), "b_down": (d,),
+    }
+    return shapes[leaf]
+
+
+def _gguf_unpermute(n_heads: int) -> Callable[[np.ndarray], np.ndarray]:
+    # llama.cpp's converter interleaves the two halves of each head's rotary
+    # dimensions (its RoPE rotates adjacent pairs); Hugging Face rotates halves.
+    def hook(w: np.ndarray) -> np.ndarray:
+        half = w.shape[0] // n_heads // 2
+        return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return hook
+
+
+def tensor_plan(cfg: ModelConfig, fmt: str) -> Iterator[tuple[str, str, Callable | None]]:
+    """Yields (flashjax path, checkpoint name, hook) for every tensor the model needs.
+
+    `fmt` is "hf" or "gguf".
+    """
+    table = OPT_TABLE if cfg.architecture == "opt" else LLAMA_TABLE
+    column = 1 if fmt == "hf" else 2
+    for row in table:
+        path, name, needed = row[0], row[column], row[3]
+        if not needed(cfg) or (path.endswith("w_gate") and not cfg.is_glu):
+            continue
+        if name is None:
+            raise ValueError(f"{path} has no {fmt} name for architecture {cfg.architecture}")
+        hook = None
+        if fmt == "gguf" and path.endswith(("attn.wq", "attn.bq")):
+            hook = _gguf_unpermute(cfg.n_heads)
+        elif fmt == "gguf" and path.endswith(("attn.wk", "attn.bk")):
+            hook = _gguf_unpermute(cfg.n_kv_heads)
+        layers = range(cfg.n_layers) if "{i}" in path else [None]
+        for i in layers:
+            if i is None:
+                yield path, name, hook
+            else:
+                yield path.format(i=i), name.format(i=i), hook

@@ -1,0 +1,112 @@
+"""Resolving `--model`: the built-in default, a Hugging Face directory, or a GGUF file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+
+from flashjax.config import ModelConfig, UnsupportedModelError
+from flashjax.weights.errors import CheckpointError
+from flashjax.weights.gguf_reader import GGUFFile
+from flashjax.weights.mapping import expected_shape, tensor_plan
+from flashjax.weights.safetensors_reader import SafetensorsFile
+
+
+@dataclasses.dataclass
+class ModelSource:
+    """A checkpoint on disk: its config, where each tensor lives, and its tokenizer."""
+
+    path: str
+    fmt: str  # "hf" | "gguf"
+    config: ModelConfig
+    _files: dict  # checkpoint tensor name -> reader holding it
+    _tokenizer_factory: Callable
+
+    def tokenizer(self):
+        return self._tokenizer_factory()
+
+    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yields (flashjax path, float32 array) one tensor at a time, shape-checked."""
+        for path, name, hook in tensor_plan(self.config, self.fmt):
+            reader = self._files.get(name)
+            if reader is None:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+            array = reader.read(name)
+            if hook is not None:
+                array = hook(array)
+            want = expected_shape(self.config, path)
+            if tuple(array.shape) != want:
+                raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {tuple(array.shape)}, "
+                                      f"expected {want} for this model's config")
+            yield path, np.asarray(array, dtype=np.float32)
+
+
+def open_model_source(spec: str | os.PathLike) -> ModelSource:
+    """Opens whatever `--model` names (see the README for the accepted forms)."""
+    spec = os.fspath(spec)
+    if spec in BUILTIN_MODELS:
+        from flashjax.hub import default_model_path
+        spec = str(default_model_path(spec))
+    if os.path.isdir(spec):
+        return _open_hf_dir(spec)
+    if spec.endswith(".gguf") or os.path.isfile(spec):
+        return _open_gguf(spec)
+    raise CheckpointError(f"{spec}: no such model. --model takes a built-in name "
+                          f"({', '.join(BUILTIN_MODELS)}), a Hugging Face model directory, or a .gguf file")
+
+
+BUILTIN_MODELS = ("smollm2",)
+
+
+def _open_gguf(path: str) -> ModelSource:
+    gguf_file = GGUFFile(path)
+    cfg = gguf_file.model_config()
+
+    def tokenizer():
+        from flashjax.tokenizer import Tokenizer
+        return Tokenizer.from_gguf(path)
+
+    return ModelSource(path, "gguf", cfg, {n: gguf_file for n in gguf_file.names()}, tokenizer)
+
+
+def _open_hf_dir(path: str) -> ModelSource:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{config_path}: file not found (a Hugging Face model directory needs config.json)")
+    with open(config_path) as f:
+        try:
+            hf_config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    cfg = ModelConfig.from_hf_config(hf_config, source=config_path)
+    files = {}
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    single_path = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        opened = {}
+        for name, shard in weight_map.items():
+            if shard not in opened:
+                opened[shard] = SafetensorsFile(os.path.join(path, shard))
+            files[name] = opened[shard]
+    elif os.path.isfile(single_path):
+        st = SafetensorsFile(single_path)
+        files = {n: st for n in st.names()}
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                              f"(only safetensors checkpoints are supported)")
+    # Some OPT checkpoints name tensors without the leading "model." prefix.
+    for name in list(files):
+        if cfg.architecture == "opt" and name.startswith("decoder."):
+            files["model." + name] = files[name]
+
+    def tokenizer():
+        from flashjax.tokenizer import Tokenizer
+        return Tokenizer.from_hf_dir(path)
+
+    return ModelSource(path, "hf", cfg, files, tokenizer)

