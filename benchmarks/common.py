@@ -1,0 +1,76 @@
+"""Helpers shared by the benchmarks: machine description, prompt text, robust summaries, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+SHARED_TEXT = HERE.parent.parent / "shared" / "data" / "calib_python_docstrings.txt"
+# Used when the shared calibration text is absent (a user's own checkout): any long English text will do.
+FALLBACK_TEXT = (
+    "The history of computing is a story of machines that grew smaller, faster and cheaper while the "
+    "problems they were asked to solve grew larger. Early computers filled rooms and were programmed by "
+    "rewiring panels; later ones stored their programs in memory, which made software a thing of its own. ") * 20
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    import psutil
+
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
+            "processor": platform.processor()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import jax
+        info["jax"] = jax.__version__
+        info["jax_devices"] = [str(d) for d in jax.devices()]
+    except Exception:
+        pass
+    return info
+
+
+def prompt_text() -> str:
+    if SHARED_TEXT.is_file():
+        return SHARED_TEXT.read_text()[:20000]
+    return FALLBACK_TEXT
+
+
+def prompt_ids(tokenizer, n_tokens: int) -> list[int]:
+    ids = tokenizer.encode(prompt_text(), add_special_tokens=False)
+    if len(ids) < n_tokens:
+        raise ValueError(f"prompt text has only {len(ids)} tokens, need {n_tokens}")
+    return ids[:n_tokens]
+
+
+def summary(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None, "runs": 0}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    # ru_maxrss is KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_json(report: dict, out: str | None) -> None:
+    if out:
+        pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(out).write_text(json.dumps(report, indent=2))
+        log(f"wrote {out}")
