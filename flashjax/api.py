@@ -39,20 +39,55 @@ class LLM:
     """A loaded model with its tokenizer and engine."""
 
     def __init__(self, config: ModelConfig, params, tokenizer, engine_config: EngineConfig = EngineConfig(),
-                 name: str = ""):
+                 name: str = "", runner=None):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.engine_config = engine_config
         self.name = name
-        self.runner = DenseRunner(config, params, engine_config)
+        self.runner = runner or DenseRunner(config, params, engine_config)
 
     @classmethod
     def load(cls, model: str = "smollm2", *, compute_dtype: str = "float32", max_context: int | None = None,
-             progress: bool = True) -> "LLM":
-        """`model`: "smollm2" (the built-in default), a Hugging Face directory, or a .gguf file."""
-        source = open_model_source(model)
+             progress: bool = True, sparsity: str | None = None, memory_budget: str | int | None = None,
+             verbose: bool = False, **flash_options) -> "LLM":
+        """Loads a model.
+
+        `model`: "smollm2" (the built-in default), a Hugging Face directory, a .gguf file, or a
+        directory written by `flashjax convert`. `sparsity`: "dense" (every weight resident; the
+        default without a budget), "naive" (the whole FFN read from disk each token) or "oracle"
+        (the true active neurons; default with a budget) — the last two need a converted model.
+        `memory_budget`: bytes, "300MB", "2GiB" or "50%" of what the dense engine holds.
+        Other keywords go to `flashjax.flash.runner.FlashOptions` (window, prefetch_depth,
+        scratch_rows, concurrency, threshold, evict_page_cache, verify).
+        """
+        from flashjax.flash.selection import SPARSITY_MODES
+        from flashjax.store import is_flash_dir
+
         engine_config = EngineConfig(compute_dtype=compute_dtype, max_context=max_context)
+        if sparsity is None:
+            sparsity = "oracle" if memory_budget is not None else "dense"
+        if sparsity not in SPARSITY_MODES:
+            raise ValueError(f"unknown sparsity {sparsity!r}; choose one of {', '.join(SPARSITY_MODES)}")
+        if sparsity != "dense":
+            if not is_flash_dir(str(model)):
+                raise ValueError(f"--sparsity {sparsity} reads FFN weights from a converted model, and {model} is "
+                                 f"not one: run `flashjax convert {model} OUT` and pass --model OUT")
+            from flashjax.flash.runner import FlashOptions, FlashRunner
+            from flashjax.store import open_flash_model
+
+            options = FlashOptions(sparsity=sparsity, memory_budget=memory_budget, **flash_options)
+            flash_model = open_flash_model(model, verify=options.verify)
+            runner = FlashRunner(flash_model, options, engine_config, verbose=verbose)
+            return cls(flash_model.config, runner.params, flash_model.tokenizer(), engine_config,
+                       name=str(model), runner=runner)
+        source = open_model_source(model)
+        if memory_budget is not None:
+            from flashjax.flash.budget import dense_weight_bytes, parse_budget
+            need = dense_weight_bytes(source.config, compute_dtype)
+            if parse_budget(memory_budget, need) < need:
+                raise ValueError(f"the dense engine holds {need / 1e6:.1f} MB of weights, over the "
+                                 f"{memory_budget} budget: use --sparsity naive or oracle on a converted model")
         params = load_params(source, jnp.dtype(compute_dtype), progress=progress)
         return cls(source.config, params, source.tokenizer(), engine_config, name=str(model))
 
@@ -70,7 +105,9 @@ class LLM:
         return generate_tokens(self.runner, self.config, self.engine_config, prompt_ids, max_tokens, sampling, eos)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits [T, V] for every position of `token_ids` in one forward pass (float32)."""
+        """Logits [T, V] for every position of `token_ids` in one forward pass (float32; dense engine)."""
+        if not isinstance(self.runner, DenseRunner):
+            raise NotImplementedError("logits() needs every weight resident: load with sparsity='dense'")
         tokens = np.asarray(token_ids, np.int32)[None]
         cache = init_kv_cache(self.config, 1, tokens.shape[1], self.runner.compute_dtype)
         return np.asarray(_all_logits(self.config, self.params, tokens, cache)[0], np.float32)

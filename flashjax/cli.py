@@ -17,6 +17,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, help="cap the context length (default: the model's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (float32 is fastest on XLA:CPU)")
+    p.add_argument("--sparsity", default=None, choices=["dense", "naive", "oracle"],
+                   help="dense: all weights resident (default without a budget); naive: the whole FFN read "
+                        "from disk per token; oracle: the true active neurons (default with a budget; a "
+                        "measuring device: its own full computation is outside the budget and the timings)")
+    p.add_argument("--memory-budget", default=None,
+                   help="memory the weights may take: bytes like 300MB or 2GiB, or a share of the dense model like 50%%")
+    p.add_argument("--window", type=int, default=5, help="tokens whose neurons stay cached")
+    p.add_argument("--prefetch-depth", type=int, default=2, help="layers whose reads may run ahead of the compute")
+    p.add_argument("--concurrency", type=int, default=32, help="file reads in flight")
+    p.add_argument("--evict-page-cache", action="store_true",
+                   help="drop the model's files from the page cache before each token (cold reads)")
+    p.add_argument("--verbose", action="store_true", help="print the memory plan")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +47,24 @@ def _sampling_options(args) -> dict:
 
 def _load(args):
     from flashjax.api import LLM
-    return LLM.load(args.model, compute_dtype=args.dtype, max_context=args.max_context)
+
+    flash = {}
+    if args.sparsity not in (None, "dense") or args.memory_budget is not None:
+        flash = dict(window=args.window, prefetch_depth=args.prefetch_depth, concurrency=args.concurrency,
+                     evict_page_cache=args.evict_page_cache)
+    return LLM.load(args.model, compute_dtype=args.dtype, max_context=args.max_context, sparsity=args.sparsity,
+                    memory_budget=args.memory_budget, verbose=args.verbose, **flash)
+
+
+def cmd_convert(args) -> int:
+    from flashjax.store import convert
+
+    manifest = convert(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                       bundle=not args.no_bundle)
+    summary = {"out": args.out, "dtype": args.dtype, "layers": len(manifest.layers),
+               "layout": manifest.layout.to_json()}
+    print(json.dumps(summary) if args.json else f"converted {args.source} -> {args.out}")
+    return 0
 
 
 def _emit(chunks, as_json: bool):
@@ -102,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--prompt", required=True)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="write a model in the flash format (FFN on disk, the rest resident)")
+    p.add_argument("source", help="anything --model accepts")
+    p.add_argument("out", help="new model directory")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the weights on disk")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model at OUT")
+    p.add_argument("--no-bundle", action="store_true",
+                   help="store gate/up/down as separate arrays (the benchmark's bundling-off baseline)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="chat with the model (its chat template applied)")
     _add_model_args(p)

@@ -1,0 +1,97 @@
+"""The memory budget: parse it, and plan what it holds (resident weights, neuron caches, I/O buffers).
+
+Everything the engine keeps for weights counts at the bytes it really occupies:
+the resident parameters in the compute dtype, each layer's neuron cache
+(capacity rows in the compute dtype), the scratch rows that stream the surplus,
+and the read buffers in flight (storage dtype). The KV cache and activations
+are not weights and are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from flashjax.config import ModelConfig
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class BudgetTooSmallError(ValueError):
+    """The memory budget cannot hold even the smallest working plan."""
+
+
+def parse_budget(text: str | int | float, dense_bytes: int) -> int:
+    """"300MB", "2GiB", "50%" (of what the dense engine holds), or a number of bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    s = str(text).strip().lower().replace(" ", "")
+    if s.endswith("%"):
+        return int(float(s[:-1]) / 100 * dense_bytes)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"cannot read memory budget {text!r}: use bytes like 300MB or 2GiB, or a share like 50%")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def dense_weight_bytes(cfg: ModelConfig, compute_dtype) -> int:
+    """What the dense engine holds for this model: every parameter in the compute dtype."""
+    return cfg.param_count() * np.dtype(compute_dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    budget_bytes: int
+    resident_bytes: int
+    cache_rows_per_layer: int
+    row_bytes: int  # one cached neuron, all its parts, compute dtype
+    scratch_rows: int
+    io_buffer_bytes: int
+    n_layers: int
+    d_ffn: int
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache_rows_per_layer * self.row_bytes * self.n_layers
+
+    @property
+    def scratch_bytes(self) -> int:
+        return self.scratch_rows * self.row_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_bytes + self.cache_bytes + self.scratch_bytes + self.io_buffer_bytes
+
+    def describe(self) -> str:
+        mb = lambda b: f"{b / 1e6:.1f} MB"
+        return (f"memory plan: budget {mb(self.budget_bytes)}; resident weights {mb(self.resident_bytes)}; "
+                f"neuron caches {self.n_layers} x {self.cache_rows_per_layer}/{self.d_ffn} rows "
+                f"({mb(self.cache_bytes)}); scratch {self.scratch_rows} rows ({mb(self.scratch_bytes)}); "
+                f"read buffers {mb(self.io_buffer_bytes)}; total {mb(self.total_bytes)}")
+
+
+def plan_memory(cfg: ModelConfig, budget_bytes: int | None, resident_bytes: int, record_width: int,
+                storage_itemsize: int, compute_itemsize: int, scratch_rows: int, prefetch_depth: int,
+                max_cache_rows: int | None = None) -> MemoryPlan:
+    """Sizes each layer's cache from what the budget leaves; `budget_bytes=None` means unlimited."""
+    row_bytes = record_width * compute_itemsize
+    scratch_rows = min(scratch_rows, cfg.d_ffn)
+    # Worst case in flight: `prefetch_depth` whole layers (the naive path reads every neuron).
+    io_bytes = prefetch_depth * cfg.d_ffn * record_width * storage_itemsize
+    minimum = resident_bytes + scratch_rows * row_bytes + io_bytes
+    limit = cfg.d_ffn if max_cache_rows is None else min(cfg.d_ffn, max_cache_rows)
+    if budget_bytes is None:
+        rows = limit
+        budget_bytes = minimum + rows * row_bytes * cfg.n_layers
+    else:
+        if budget_bytes < minimum:
+            raise BudgetTooSmallError(
+                f"memory budget of {budget_bytes / 1e6:.1f} MB is too small: the minimum is "
+                f"{minimum / 1e6:.1f} MB ({minimum} bytes: resident weights {resident_bytes / 1e6:.1f} MB, "
+                f"scratch {scratch_rows * row_bytes / 1e6:.1f} MB, read buffers {io_bytes / 1e6:.1f} MB)")
+        rows = min(limit, (budget_bytes - minimum) // (row_bytes * cfg.n_layers))
+    return MemoryPlan(budget_bytes, resident_bytes, int(rows), row_bytes, scratch_rows, io_bytes,
+                      cfg.n_layers, cfg.d_ffn)

@@ -1,0 +1,243 @@
+"""The flash runner: prefill and decode with FFN neurons read from disk into per-layer caches.
+
+One decode step, layer by layer: attention on the resident weights -> the
+selector's neuron set -> the layer's cache says what is missing (windowing) ->
+the prefetch thread has already issued those reads when the set was known
+ahead -> rows land in the layer's preallocated device buffer (one jitted
+scatter, no reallocation) -> the FFN runs over the cached rows plus any
+surplus streamed through scratch -> next layer.
+
+Same interface as `engine.DenseRunner`, so the generation loop is shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashjax.cache import LayerNeuronCache
+from flashjax.config import EngineConfig
+from flashjax.engine import _round_up
+from flashjax.flash import kernels
+from flashjax.flash.budget import dense_weight_bytes, parse_budget, plan_memory
+from flashjax.flash.prefetch import Prefetcher
+from flashjax.flash.selection import NaiveSelector, OracleSelector
+from flashjax.model.params import tree_nbytes
+from flashjax.model.transformer import init_kv_cache
+from flashjax.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashOptions:
+    sparsity: str = "oracle"  # "naive" | "oracle"
+    memory_budget: str | int | None = None  # bytes, "300MB", "2GiB", "50%"; None: unlimited
+    window: int = 5  # tokens whose neurons stay cached (the paper uses 4-5)
+    prefetch_depth: int = 2  # layers whose reads may be in flight ahead of the compute
+    scratch_rows: int = 512  # neurons streamed per scratch chunk
+    concurrency: int = 32  # TensorStore file reads in flight
+    threshold: float = 0.0  # oracle: |activation| above this counts as active
+    evict_page_cache: bool = False  # before each token: cold reads, honest figures
+    verify: bool = True  # check every shard's checksum when opening
+
+
+def _bucket(n: int) -> int:
+    """Power-of-two padding (min 16) for per-step update lengths: few shapes, no per-token compile."""
+    return max(16, 1 << max(0, int(n - 1).bit_length()))
+
+
+def _pad(values: np.ndarray, size: int, fill: int) -> np.ndarray:
+    out = np.full(size, fill, np.int32)
+    out[:len(values)] = values
+    return out
+
+
+class FlashRunner:
+    def __init__(self, flash_model, options: FlashOptions, engine_cfg: EngineConfig, verbose: bool = False,
+                 oracle_params=None):
+        cfg = flash_model.config
+        self.cfg, self.options, self.engine_cfg = cfg, options, engine_cfg
+        self.compute_dtype = jnp.dtype(engine_cfg.compute_dtype)
+        self.params = flash_model.load_resident(self.compute_dtype)
+        self.store = flash_model.ffn_store(concurrency=options.concurrency)
+        layout = self.store.layout
+        self.part_slices = tuple((name, (layout.part_slice(name).start, layout.part_slice(name).stop))
+                                 for name in layout.names)
+        self.dense_bytes = dense_weight_bytes(cfg, self.compute_dtype)
+        budget = None if options.memory_budget is None else parse_budget(options.memory_budget, self.dense_bytes)
+        self.plan = plan_memory(cfg, budget, tree_nbytes(self.params), layout.record_width,
+                                self.store.dtype.itemsize, self.compute_dtype.itemsize, options.scratch_rows,
+                                options.prefetch_depth,
+                                max_cache_rows=0 if options.sparsity == "naive" else None)
+        if verbose:
+            print(f"flashjax: {self.plan.describe()}", file=sys.stderr)
+        if options.sparsity == "naive":
+            self.selector = NaiveSelector(cfg)
+        elif options.sparsity == "oracle":
+            if oracle_params is None:
+                from flashjax.model.params import load_params
+                from flashjax.store import open_flash_source
+                oracle_params = load_params(open_flash_source(flash_model.path, verify=False), progress=False)
+            self.selector = OracleSelector(cfg, oracle_params, options.threshold)
+        else:
+            raise ValueError(f"unknown sparsity {options.sparsity!r} for the flash engine; "
+                             f"use naive or oracle (dense runs everything resident)")
+        rows = self.plan.cache_rows_per_layer
+        self.caches = [LayerNeuronCache(rows, cfg.d_ffn, options.window) for _ in range(cfg.n_layers)]
+        self.buffers = [{name: jnp.zeros((rows, stop - start), self.compute_dtype)
+                         for name, (start, stop) in self.part_slices} for _ in range(cfg.n_layers)]
+        self.prefetcher = Prefetcher(self.store, options.prefetch_depth)
+        self.kv = None
+        self._warm = False
+        self.token_stats: list[dict] = []
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, capacity: int) -> None:
+        if self.kv is None or self.kv[0][0].shape[2] != capacity:
+            self.kv = init_kv_cache(self.cfg, 1, capacity, self.compute_dtype)
+        self.selector.start(capacity)
+        for cache in self.caches:
+            cache.reset()
+        self.token_stats = []
+
+    def warm_up(self, s: SamplingParams, key) -> None:
+        """Compiles every shape a decode step can meet (all update buckets) before timing starts."""
+        if self._warm or self.plan.cache_rows_per_layer == 0:
+            return
+        cap = self.plan.cache_rows_per_layer
+        sizes = sorted({_bucket(n) for n in [1] + [1 << k for k in range(4, max(cap, 16).bit_length() + 1)]})
+        width = self.store.record_width
+        for size in sizes:
+            drop = _pad(np.zeros(0), size, cap)  # every destination out of range: no change
+            self.buffers[0] = kernels.update_cache(self.part_slices, self.buffers[0], np.zeros(size, np.int32),
+                                                   drop, drop, np.zeros((size, width), self.store.dtype))
+        self._warm = True
+
+    def compile_count(self) -> int:
+        fns = (kernels.embed_tokens, kernels.attention_step, kernels.ffn_step, kernels.scratch_ffn,
+               kernels.update_cache, kernels.head)
+        return sum(f._cache_size() for f in fns)
+
+    # ---- one token ------------------------------------------------------------------------------
+
+    def _ffn_from_scratch(self, l, x, h, rows, count):
+        """FFN of layer l: cached rows [0, count) plus `rows` streamed in scratch chunks."""
+        s_rows = self.plan.scratch_rows or 1
+        b_down = self.params["layers"][l]["ffn"].get("b_down")
+        chunks = [rows[i:i + s_rows] for i in range(0, len(rows), s_rows)] or [rows[:0]]
+        first = True
+        for chunk in chunks:
+            padded = np.zeros((s_rows, rows.shape[1]), rows.dtype)
+            padded[:len(chunk)] = chunk
+            if first:
+                x = kernels.ffn_step(self.cfg, self.part_slices, x, h, self.buffers[l], np.int32(count),
+                                     padded, np.int32(len(chunk)), b_down)
+                first = False
+            else:
+                x = kernels.scratch_ffn(self.cfg, self.part_slices, x, h, padded, np.int32(len(chunk)))
+        return x
+
+    def _layers(self, x, positions, start, needed_ahead, update_caches: bool):
+        """Runs every layer; returns (x, stats)."""
+        stats = dict(io_wait_ms=0.0, mm_ms=0.0, bytes_read=0, neurons_read=0, read_ops=0, evicted=0,
+                     hits=0, needed=0)
+        updates = []
+        t0 = time.perf_counter()
+        for l, needed in enumerate(needed_ahead):
+            upd = self.caches[l].step(needed) if update_caches else None
+            updates.append(upd)
+            self.prefetcher.submit(l, upd.read_ids if upd is not None else needed)
+        stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
+        for l, layer in enumerate(self.params["layers"]):
+            x, h, self.kv[l] = kernels.attention_step(self.cfg, layer, x, positions, start, self.kv[l])
+            got_layer, rows, read, waited = self.prefetcher.get()
+            assert got_layer == l
+            stats["io_wait_ms"] += waited * 1e3
+            stats["bytes_read"] += read.bytes
+            stats["neurons_read"] += read.neurons
+            stats["read_ops"] += read.ranges
+            upd = updates[l]
+            count = 0
+            if upd is not None:
+                t1 = time.perf_counter()
+                n_load = len(upd.load_ids)
+                if self.plan.cache_rows_per_layer and (len(upd.moves_src) or n_load):
+                    m, k = _bucket(len(upd.moves_src)), _bucket(n_load)
+                    size = max(m, k)
+                    loaded = np.zeros((size, rows.shape[1]), rows.dtype)
+                    loaded[:n_load] = rows[:n_load]
+                    cap = self.plan.cache_rows_per_layer
+                    self.buffers[l] = kernels.update_cache(
+                        self.part_slices, self.buffers[l], _pad(upd.moves_src, size, 0),
+                        _pad(upd.moves_dst, size, cap), _pad(upd.load_slots, size, cap), loaded)
+                rows = rows[n_load:]  # what did not fit: scratch
+                count = upd.count
+                stats["evicted"] += upd.evicted
+                stats["hits"] += upd.hits
+                stats["needed"] += len(needed_ahead[l])
+                stats["mm_ms"] += (time.perf_counter() - t1) * 1e3
+            x = self._ffn_from_scratch(l, x, h, rows, count)
+        return x, stats
+
+    def prefill(self, prompt: np.ndarray, s: SamplingParams, key):
+        capacity = self.kv[0][0].shape[2]
+        padded = min(_round_up(len(prompt), self.engine_cfg.prefill_block), capacity)
+        tokens = np.zeros((1, padded), np.int32)
+        tokens[0, :len(prompt)] = prompt
+        self.selector.prefill(tokens[0, :len(prompt)])
+        positions = np.arange(padded, dtype=np.int32)[None]
+        x = kernels.embed_tokens(self.cfg, self.params, tokens, positions)
+        # The prompt's tokens together use nearly every neuron: stream each whole layer once, uncached.
+        everything = [np.arange(self.cfg.d_ffn)] * self.cfg.n_layers
+        x, _ = self._layers(x, positions, np.int32(0), everything, update_caches=False)
+        return kernels.head(self.cfg, self.params, x, np.int32(len(prompt) - 1), jax.random.fold_in(key, len(prompt)),
+                            np.float32(s.temperature or 1.0), np.int32(s.top_k), np.float32(s.top_p),
+                            greedy=s.greedy)
+
+    def decode(self, token, pos: int, s: SamplingParams, key):
+        token_id = int(token[0])
+        if self.options.evict_page_cache:
+            self.store.evict_page_cache()
+        needed = self.selector.begin(token_id, pos)  # outside the timings: the oracle is a measuring device
+        t0 = time.perf_counter()
+        positions = np.full((1, 1), pos, np.int32)
+        x = kernels.embed_tokens(self.cfg, self.params, np.array([[token_id]], np.int32), positions)
+        x, stats = self._layers(x, positions, np.int32(pos), needed, update_caches=True)
+        out = kernels.head(self.cfg, self.params, x, np.int32(0), jax.random.fold_in(key, pos + 1),
+                           np.float32(s.temperature or 1.0), np.int32(s.top_k), np.float32(s.top_p),
+                           greedy=s.greedy)
+        jax.block_until_ready(out)
+        stats["total_ms"] = (time.perf_counter() - t0) * 1e3
+        stats["compute_ms"] = stats["total_ms"] - stats["io_wait_ms"] - stats["mm_ms"]
+        self.token_stats.append(stats)
+        return out
+
+    def stats(self) -> dict:
+        per_token = self.token_stats
+        n = len(per_token) or 1
+        mean = lambda key: sum(t[key] for t in per_token) / n
+        needed = sum(t["needed"] for t in per_token)
+        return {
+            "sparsity": self.options.sparsity,
+            "memory_budget_bytes": self.plan.budget_bytes,
+            "weights_bytes": self.plan.total_bytes,
+            "resident_bytes": self.plan.resident_bytes,
+            "cache_rows_per_layer": self.plan.cache_rows_per_layer,
+            "io_ms": mean("io_wait_ms"), "mm_ms": mean("mm_ms"), "compute_ms": mean("compute_ms"),
+            "step_ms": mean("total_ms"),
+            # Per-token time of the engine's own work; the oracle's full computation is excluded.
+            "decode_ms_per_token": mean("total_ms") if per_token else None,
+            "tokens_per_s": 1e3 / mean("total_ms") if per_token else None,
+            "bytes_read_per_token": mean("bytes_read"), "neurons_read_per_token": mean("neurons_read"),
+            "read_ops_per_token": mean("read_ops"), "evicted_per_token": mean("evicted"),
+            "cache_hit_rate": (sum(t["hits"] for t in per_token) / needed) if needed else None,
+            "ffn_bytes": self.cfg.n_layers * self.cfg.d_ffn * self.store.record_nbytes,
+        }
+
+    def close(self) -> None:
+        self.prefetcher.close()

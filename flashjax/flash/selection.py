@@ -1,0 +1,90 @@
+"""How the flash engine chooses the neurons a token needs (`--sparsity`). Pluggable: a selector
+either knows every layer's set when the token starts (`ahead`), which lets the prefetch thread read
+layers ahead of the compute, or picks per layer from that layer's FFN input.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashjax.config import ModelConfig
+from flashjax.engine import _round_up
+from flashjax.model.layers import ffn_activation
+from flashjax.model.transformer import forward, init_kv_cache
+
+SPARSITY_MODES = ("dense", "naive", "oracle")
+
+
+class NaiveSelector:
+    """Every neuron, every token: the paper's baseline (run with no cache, it reads the whole FFN)."""
+
+    ahead = True
+
+    def __init__(self, cfg: ModelConfig):
+        self._all = np.arange(cfg.d_ffn, dtype=np.int64)
+        self.n_layers = cfg.n_layers
+
+    def start(self, capacity: int) -> None:
+        pass
+
+    def prefill(self, prompt) -> None:
+        pass
+
+    def begin(self, token: int, pos: int) -> list[np.ndarray]:
+        return [self._all] * self.n_layers
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _activations_step(cfg: ModelConfig, params, tokens, start, cache):
+    """Dense forward of tokens [1, T] at slots start.., returning |activation| of every layer's
+    neurons for the last token [L, F] and the cache."""
+    acts = []
+
+    def recording_ffn(c, p, h):
+        up = jnp.einsum("btd,fd->btf", h, p["w_up"]) + (p["b_up"] if "b_up" in p else 0.0)
+        gate = jnp.einsum("btd,fd->btf", h, p["w_gate"]) if c.is_glu else None
+        act = ffn_activation(c, gate, up)
+        acts.append(jnp.abs(act[0, -1]))
+        out = jnp.einsum("btf,df->btd", act, p["w_down"])
+        return out + p["b_down"] if "b_down" in p else out
+
+    positions = start + jnp.arange(tokens.shape[1])[None]
+    _, cache = forward(cfg, params, tokens, positions, start, cache, ffn=recording_ffn)
+    return jnp.stack(acts), cache
+
+
+class OracleSelector:
+    """The true active neurons, from a full dense computation of the same token.
+
+    A measuring device, not part of the engine: it holds the whole model in memory (outside the
+    memory budget) and runs outside the timings. It shows the best a perfect predictor could do.
+    "Active" means |activation| > threshold: for ReLU models a positive activation; for SwiGLU
+    models with threshold 0, every neuron with a nonzero activation (in practice all of them).
+    """
+
+    ahead = True
+
+    def __init__(self, cfg: ModelConfig, full_params, threshold: float = 0.0):
+        self.cfg, self.params, self.threshold = cfg, full_params, float(threshold)
+        self.cache = None
+
+    def start(self, capacity: int) -> None:
+        self.cache = init_kv_cache(self.cfg, 1, capacity)
+
+    def prefill(self, prompt) -> None:
+        capacity = self.cache[0][0].shape[2]
+        padded = min(_round_up(len(prompt), 64), capacity)
+        tokens = np.zeros((1, padded), np.int32)
+        tokens[0, :len(prompt)] = prompt
+        # Slots past the prompt get padding; each is rewritten by `begin` before any query sees it.
+        _, self.cache = _activations_step(self.cfg, self.params, tokens, np.int32(0), self.cache)
+
+    def begin(self, token: int, pos: int) -> list[np.ndarray]:
+        acts, self.cache = _activations_step(self.cfg, self.params, np.array([[token]], np.int32),
+                                             np.int32(pos), self.cache)
+        active = np.asarray(acts) > self.threshold
+        return [np.flatnonzero(row) for row in active]
