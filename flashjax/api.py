@@ -79,7 +79,7 @@ class LLM:
             options = FlashOptions(sparsity=sparsity, memory_budget=memory_budget, **flash_options)
             flash_model = open_flash_model(model, verify=options.verify)
             runner = FlashRunner(flash_model, options, engine_config, verbose=verbose)
-            return cls(flash_model.config, runner.params, flash_model.tokenizer(), engine_config,
+            return cls(flash_model.config, runner.params, _tokenizer_or_none(flash_model.tokenizer), engine_config,
                        name=str(model), runner=runner)
         source = open_model_source(model)
         if memory_budget is not None:
@@ -89,7 +89,7 @@ class LLM:
                 raise ValueError(f"the dense engine holds {need / 1e6:.1f} MB of weights, over the "
                                  f"{memory_budget} budget: use --sparsity naive or oracle on a converted model")
         params = load_params(source, jnp.dtype(compute_dtype), progress=progress)
-        return cls(source.config, params, source.tokenizer(), engine_config, name=str(model))
+        return cls(source.config, params, _tokenizer_or_none(source.tokenizer), engine_config, name=str(model))
 
     # ---- token level ------------------------------------------------------
 
@@ -122,6 +122,7 @@ class LLM:
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
                ) -> Iterator[StreamChunk]:
         """Streams a continuation of the raw prompt (text or token ids)."""
+        self._require_tokenizer()
         if isinstance(prompt, str):
             prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
@@ -134,6 +135,7 @@ class LLM:
 
     def stream_chat(self, messages: Messages, **options) -> Iterator[StreamChunk]:
         """Applies the model's chat template, then streams the reply."""
+        self._require_tokenizer()
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
@@ -141,6 +143,11 @@ class LLM:
 
     def chat(self, messages: Messages, **options) -> GenerationResult:
         return _last(self.stream_chat(messages, **options)).result
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name or 'this model'} has no tokenizer: pass token ids (generate_ids)")
+        return self.tokenizer
 
     def _stream(self, prompt_ids, max_tokens, sampling, stop_at_eos) -> Iterator[StreamChunk]:
         from flashjax.tokenizer import StreamDecoder
@@ -165,6 +172,18 @@ class LLM:
         result = GenerationResult(self.tokenizer.decode(text_tokens), list(prompt_ids), tokens,
                                   stats["finish_reason"], stats)
         yield StreamChunk(tail, None, result)
+
+
+def _tokenizer_or_none(factory):
+    """The model's tokenizer, or None when it has none (token ids still work)."""
+    from flashjax.tokenizer import TokenizerError
+
+    try:
+        return factory()
+    except TokenizerError as e:
+        import sys
+        print(f"flashjax: warning: {e}; only token ids can be used", file=sys.stderr)
+        return None
 
 
 def _last(iterator):

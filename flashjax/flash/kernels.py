@@ -50,22 +50,23 @@ def split_records(rows, part_slices, dtype):
     return {name: rows[:, start:stop].astype(dtype) for name, (start, stop) in part_slices}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "part_slices"))
-def ffn_step(cfg: ModelConfig, part_slices, x, h, buffers, count, scratch, n_scratch, b_down):
-    """x + FFN(h) over the cached rows plus up to one chunk of scratch rows read this step."""
-    dtype = x.dtype
-    cap = next(iter(buffers.values())).shape[0]
-    out = _rows_ffn(cfg, buffers, jnp.arange(cap) < count, h)
-    out = out + _rows_ffn(cfg, split_records(scratch, part_slices, dtype),
-                          jnp.arange(scratch.shape[0]) < n_scratch, h)
+@functools.partial(jax.jit, static_argnames=("cfg", "live_rows"))
+def cached_ffn(cfg: ModelConfig, x, h, buffers, count, b_down, live_rows):
+    """x + FFN(h) over the cached rows (+ the resident down-projection bias).
+
+    Only the first `live_rows` (a power-of-two bucket >= count, static) rows of the cache are
+    multiplied, so a mostly empty cache costs little; rows in [count, live_rows) are masked.
+    """
+    live = {name: buf[:live_rows] for name, buf in buffers.items()}
+    out = _rows_ffn(cfg, live, jnp.arange(live_rows) < count, h)
     if b_down is not None:
         out = out + b_down
-    return x + out.astype(dtype)
+    return x + out.astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "part_slices"))
 def scratch_ffn(cfg: ModelConfig, part_slices, x, h, scratch, n_scratch):
-    """x + FFN over one more chunk of scratch rows (when the surplus exceeds one chunk)."""
+    """x + FFN over a chunk of records streamed through scratch (read this step, not cached)."""
     out = _rows_ffn(cfg, split_records(scratch, part_slices, x.dtype), jnp.arange(scratch.shape[0]) < n_scratch, h)
     return x + out.astype(x.dtype)
 

@@ -34,7 +34,7 @@ from flashjax.sampling import SamplingParams
 
 @dataclasses.dataclass(frozen=True)
 class FlashOptions:
-    sparsity: str = "oracle"  # "naive" | "oracle"
+    sparsity: str = "oracle"  # "naive" | "hybrid" (naive, plus a cache of what fits) | "oracle"
     memory_budget: str | int | None = None  # bytes, "300MB", "2GiB", "50%"; None: unlimited
     window: int = 5  # tokens whose neurons stay cached (the paper uses 4-5)
     prefetch_depth: int = 2  # layers whose reads may be in flight ahead of the compute
@@ -44,10 +44,26 @@ class FlashOptions:
     evict_page_cache: bool = False  # before each token: cold reads, honest figures
     verify: bool = True  # check every shard's checksum when opening
 
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1 token, got {self.window}")
+        if self.scratch_rows < 16:
+            raise ValueError(f"scratch_rows must be at least 16, got {self.scratch_rows}")
+        if self.prefetch_depth < 1 or self.concurrency < 1:
+            raise ValueError("prefetch_depth and concurrency must be at least 1")
+
 
 def _bucket(n: int) -> int:
     """Power-of-two padding (min 16) for per-step update lengths: few shapes, no per-token compile."""
     return max(16, 1 << max(0, int(n - 1).bit_length()))
+
+
+def _scratch_bucket(n: int, limit: int) -> int:
+    """Power-of-four padding (min 16, at most `limit`) for scratch chunks."""
+    size = 16
+    while size < n:
+        size *= 4
+    return min(size, limit)
 
 
 def _pad(values: np.ndarray, size: int, fill: int) -> np.ndarray:
@@ -75,7 +91,9 @@ class FlashRunner:
                                 max_cache_rows=0 if options.sparsity == "naive" else None)
         if verbose:
             print(f"flashjax: {self.plan.describe()}", file=sys.stderr)
-        if options.sparsity == "naive":
+        if options.sparsity in ("naive", "hybrid"):
+            # Hybrid is naive with a cache: the neurons that fit stay for good (every token needs
+            # them all, so they never leave the window) and the rest stream from disk every token.
             self.selector = NaiveSelector(cfg)
         elif options.sparsity == "oracle":
             if oracle_params is None:
@@ -85,7 +103,7 @@ class FlashRunner:
             self.selector = OracleSelector(cfg, oracle_params, options.threshold)
         else:
             raise ValueError(f"unknown sparsity {options.sparsity!r} for the flash engine; "
-                             f"use naive or oracle (dense runs everything resident)")
+                             f"use naive, hybrid or oracle (dense runs everything resident)")
         rows = self.plan.cache_rows_per_layer
         self.caches = [LayerNeuronCache(rows, cfg.d_ffn, options.window) for _ in range(cfg.n_layers)]
         self.buffers = [{name: jnp.zeros((rows, stop - start), self.compute_dtype)
@@ -106,40 +124,57 @@ class FlashRunner:
         self.token_stats = []
 
     def warm_up(self, s: SamplingParams, key) -> None:
-        """Compiles every shape a decode step can meet (all update buckets) before timing starts."""
-        if self._warm or self.plan.cache_rows_per_layer == 0:
+        """Compiles every shape a decode step can meet (update and live-row buckets, the per-layer
+        step, the head) on throwaway inputs before any timing starts."""
+        if self._warm:
             return
-        cap = self.plan.cache_rows_per_layer
-        sizes = sorted({_bucket(n) for n in [1] + [1 << k for k in range(4, max(cap, 16).bit_length() + 1)]})
-        width = self.store.record_width
-        for size in sizes:
+        cfg, cap, width = self.cfg, self.plan.cache_rows_per_layer, self.store.record_width
+        buckets = sorted({min(cap, _bucket(n)) for n in [1 << k for k in range(0, max(cap, 1).bit_length() + 1)]}
+                         - {0}) if cap else []
+        for size in sorted({_bucket(n) for n in buckets}):
             drop = _pad(np.zeros(0), size, cap)  # every destination out of range: no change
             self.buffers[0] = kernels.update_cache(self.part_slices, self.buffers[0], np.zeros(size, np.int32),
                                                    drop, drop, np.zeros((size, width), self.store.dtype))
+        x = jnp.zeros((1, 1, cfg.d_model), self.compute_dtype)
+        b_down = self.params["layers"][0]["ffn"].get("b_down")
+        for live in [0] + buckets:
+            kernels.cached_ffn(cfg, x, x, self.buffers[0], np.int32(0), b_down, live_rows=live)
+        s_rows = self.plan.scratch_rows
+        for chunk in sorted({_scratch_bucket(1 << k, s_rows) for k in range(0, s_rows.bit_length() + 1)}):
+            kernels.scratch_ffn(cfg, self.part_slices, x, x, np.zeros((chunk, width), self.store.dtype), np.int32(0))
+        positions = np.zeros((1, 1), np.int32)
+        kernels.embed_tokens(cfg, self.params, np.zeros((1, 1), np.int32), positions)
+        kv = jax.tree.map(jnp.copy, self.kv[0])
+        kernels.attention_step(cfg, self.params["layers"][0], x, positions, np.int32(0), kv)
+        kernels.head(cfg, self.params, x, np.int32(0), key, np.float32(1.0), np.int32(0), np.float32(1.0),
+                     greedy=s.greedy)
         self._warm = True
 
     def compile_count(self) -> int:
-        fns = (kernels.embed_tokens, kernels.attention_step, kernels.ffn_step, kernels.scratch_ffn,
+        fns = (kernels.embed_tokens, kernels.attention_step, kernels.cached_ffn, kernels.scratch_ffn,
                kernels.update_cache, kernels.head)
         return sum(f._cache_size() for f in fns)
 
     # ---- one token ------------------------------------------------------------------------------
 
-    def _ffn_from_scratch(self, l, x, h, rows, count):
-        """FFN of layer l: cached rows [0, count) plus `rows` streamed in scratch chunks."""
-        s_rows = self.plan.scratch_rows or 1
-        b_down = self.params["layers"][l]["ffn"].get("b_down")
-        chunks = [rows[i:i + s_rows] for i in range(0, len(rows), s_rows)] or [rows[:0]]
-        first = True
-        for chunk in chunks:
-            padded = np.zeros((s_rows, rows.shape[1]), rows.dtype)
+    def _live_rows(self, count: int) -> int:
+        cap = self.plan.cache_rows_per_layer
+        return 0 if count == 0 else min(cap, _bucket(count))
+
+    def _ffn(self, l, x, h, rows, count):
+        """FFN of layer l: cached rows [0, count), then `rows` streamed through scratch in chunks.
+
+        A chunk is padded to a power-of-four length (at most `scratch_rows`): a step with little
+        surplus does not pay for a full chunk, and few shapes exist to compile.
+        """
+        x = kernels.cached_ffn(self.cfg, x, h, self.buffers[l], np.int32(count),
+                               self.params["layers"][l]["ffn"].get("b_down"), live_rows=self._live_rows(count))
+        s_rows = self.plan.scratch_rows
+        for begin in range(0, len(rows), s_rows):
+            chunk = rows[begin:begin + s_rows]
+            padded = np.zeros((_scratch_bucket(len(chunk), s_rows), rows.shape[1]), rows.dtype)
             padded[:len(chunk)] = chunk
-            if first:
-                x = kernels.ffn_step(self.cfg, self.part_slices, x, h, self.buffers[l], np.int32(count),
-                                     padded, np.int32(len(chunk)), b_down)
-                first = False
-            else:
-                x = kernels.scratch_ffn(self.cfg, self.part_slices, x, h, padded, np.int32(len(chunk)))
+            x = kernels.scratch_ffn(self.cfg, self.part_slices, x, h, padded, np.int32(len(chunk)))
         return x
 
     def _layers(self, x, positions, start, needed_ahead, update_caches: bool):
@@ -181,7 +216,7 @@ class FlashRunner:
                 stats["hits"] += upd.hits
                 stats["needed"] += len(needed_ahead[l])
                 stats["mm_ms"] += (time.perf_counter() - t1) * 1e3
-            x = self._ffn_from_scratch(l, x, h, rows, count)
+            x = self._ffn(l, x, h, rows, count)
         return x, stats
 
     def prefill(self, prompt: np.ndarray, s: SamplingParams, key):

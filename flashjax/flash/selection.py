@@ -16,7 +16,7 @@ from flashjax.engine import _round_up
 from flashjax.model.layers import ffn_activation
 from flashjax.model.transformer import forward, init_kv_cache
 
-SPARSITY_MODES = ("dense", "naive", "oracle")
+SPARSITY_MODES = ("dense", "naive", "hybrid", "oracle")
 
 
 class NaiveSelector:

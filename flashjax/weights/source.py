@@ -21,7 +21,7 @@ class ModelSource:
     """A checkpoint on disk: its config, where each tensor lives, and its tokenizer."""
 
     path: str
-    fmt: str  # "hf" | "gguf"
+    fmt: str  # "hf" | "gguf" | "flash"
     config: ModelConfig
     _files: dict  # checkpoint tensor name -> reader holding it
     _tokenizer_factory: Callable
@@ -51,6 +51,9 @@ def open_model_source(spec: str | os.PathLike) -> ModelSource:
     if spec in BUILTIN_MODELS:
         from flashjax.hub import default_model_path
         spec = str(default_model_path(spec))
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "manifest.json")):
+        from flashjax.store.model import open_flash_source  # a converted (flash format) model directory
+        return open_flash_source(spec)
     if os.path.isdir(spec):
         return _open_hf_dir(spec)
     if spec.endswith(".gguf") or os.path.isfile(spec):

@@ -1,0 +1,83 @@
+"""Opening a flash model directory: for the flash engine (`open_flash_model`) and as an ordinary
+ModelSource (`open_flash_source`, what `open_model_source` returns for such a directory), so a converted
+model loads with `--model DIR` everywhere, the dense engine included."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator
+
+import numpy as np
+
+from flashjax.config import ModelConfig
+from flashjax.store.ffn_store import FFNStore, verify_files
+from flashjax.store.manifest import Manifest, read_manifest, unpack_records
+from flashjax.store.resident import load_resident, load_resident_numpy, resident_paths
+from flashjax.weights.source import ModelSource
+
+
+def _tokenizer_factory(model_dir: str):
+    def tokenizer():
+        from flashjax.tokenizer import Tokenizer
+        return Tokenizer.from_hf_dir(model_dir)
+    return tokenizer
+
+
+@dataclasses.dataclass
+class FlashModel:
+    """A flash model directory, opened: its manifest, and the means to load what the engine needs."""
+
+    path: str
+    manifest: Manifest
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.manifest.config
+
+    def ffn_store(self, concurrency: int = 32) -> FFNStore:
+        return FFNStore(self.path, self.manifest, concurrency=concurrency)
+
+    def load_resident(self, dtype=None) -> dict:
+        """Resident parameters as jax arrays of `dtype` in `empty_tree`'s layout (see store.resident)."""
+        return load_resident(self.path, dtype, self.manifest)
+
+    def tokenizer(self):
+        return _tokenizer_factory(self.path)()
+
+
+def open_flash_model(model_dir, verify: bool = True) -> FlashModel:
+    """Opens a converted model; with `verify`, checks every layer's and the resident checkpoint's
+    sha256 first (StoreChecksumError names the layer and file that differ)."""
+    path = os.path.abspath(os.fspath(model_dir))
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    return FlashModel(path, manifest)
+
+
+class FlashModelSource(ModelSource):
+    """A flash model directory as a ModelSource: the same (path, float32 array) pairs as the model it
+    was converted from (cast through the storage dtype), FFN weights un-bundled from the records.
+    Resident tensors come first, then each layer's FFN tensors."""
+
+    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        manifest: Manifest = self._files["manifest"]
+        cfg = manifest.config
+        resident = load_resident_numpy(self.path, cfg, manifest.dtype)
+        for path in resident_paths(cfg):
+            node = resident
+            for part in path.split("."):
+                node = node[int(part)] if part.isdigit() else node[part]
+            yield path, np.asarray(node, dtype=np.float32)
+        del resident
+        store = FFNStore(self.path, manifest)
+        for layer in range(cfg.n_layers):
+            for leaf, array in unpack_records(manifest.layout, store.read_layer(layer)).items():
+                yield f"layers.{layer}.ffn.{leaf}", np.asarray(array, dtype=np.float32)
+
+
+def open_flash_source(model_dir, verify: bool = True) -> FlashModelSource:
+    model = open_flash_model(model_dir, verify=verify)
+    return FlashModelSource(model.path, "flash", model.config, {"manifest": model.manifest},
+                            _tokenizer_factory(model.path))

@@ -1,0 +1,135 @@
+"""The flash engine: FFN neurons read from disk equal the dense engine, within the memory budget."""
+
+import numpy as np
+import pytest
+
+from conftest import build_tiny, random_ids
+
+import flashjax
+from flashjax.flash.budget import BudgetTooSmallError, parse_budget
+from flashjax.sampling import SamplingParams
+from flashjax.store import convert
+
+
+@pytest.fixture(scope="module", params=["llama_gqa", "opt"])
+def tiny_flash(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flash-" + request.param)
+    build_tiny(request.param, root / "hf")
+    convert(str(root / "hf"), str(root / "flash"), dtype="float32", progress=False)
+    return request.param, str(root / "flash")
+
+
+def _tokens(llm, prompt, n=12, sampling=SamplingParams()):
+    gen = llm.generate_ids(prompt, max_tokens=n, sampling=sampling, stop_at_eos=False)
+    out = []
+    while True:
+        try:
+            out.append(next(gen))
+        except StopIteration as done:
+            return out, done.value
+
+
+# Budgets as (share of the full neuron caches on top of the minimum); None: unlimited.
+@pytest.mark.parametrize("sparsity,cache_share", [("naive", None), ("hybrid", 0.5), ("oracle", None),
+                                                  ("oracle", 0.3), ("oracle", 0.0)])
+def test_flash_tokens_equal_dense(tiny_flash, sparsity, cache_share):
+    name, path = tiny_flash
+    dense = flashjax.load(path, progress=False)
+    prompt = random_ids(6, dense.config.vocab_size, seed=5)
+    expected, _ = _tokens(dense, prompt)
+    budget = None
+    if cache_share is not None:  # 0.0: the smallest budget that works, no cache at all, everything streams
+        cfg = dense.config
+        budget = _minimum_budget(path) + int(cache_share * cfg.n_layers * cfg.d_ffn * _row_bytes(path))
+    llm = flashjax.load(path, sparsity=sparsity, memory_budget=budget, window=2, scratch_rows=16)
+    ours, stats = _tokens(llm, prompt)
+    assert ours == expected
+    assert stats["weights_bytes"] <= stats["memory_budget_bytes"]
+    for key in ("io_ms", "mm_ms", "compute_ms", "bytes_read_per_token", "neurons_read_per_token",
+                "evicted_per_token", "cache_hit_rate"):
+        assert key in stats
+    if sparsity == "naive":
+        assert stats["bytes_read_per_token"] >= stats["ffn_bytes"]  # whole blocks: the last may be padded
+
+
+def _row_bytes(path):
+    from flashjax.store import read_manifest
+    return read_manifest(path).layout.record_width * 4  # float32 compute
+
+
+def _minimum_budget(path):
+    with pytest.raises(BudgetTooSmallError, match=r"the minimum is [\d.]+ MB \((\d+) bytes") as info:
+        flashjax.load(path, sparsity="oracle", memory_budget=1, scratch_rows=16)
+    import re
+    return int(re.search(r"\((\d+) bytes", str(info.value)).group(1))
+
+
+def test_relu_oracle_reads_only_active_neurons(tiny_flash):
+    name, path = tiny_flash
+    if name != "opt":
+        pytest.skip("ReLU sparsity: OPT only")
+    llm = flashjax.load(path, sparsity="oracle", window=1)
+    _, stats = _tokens(llm, random_ids(6, llm.config.vocab_size, seed=6))
+    # Roughly half of a random ReLU layer's neurons are positive: far fewer than all are read.
+    assert 0 < stats["neurons_read_per_token"] < 0.8 * llm.config.n_layers * llm.config.d_ffn
+
+
+def test_windowing_turns_reads_into_hits(tiny_flash):
+    name, path = tiny_flash
+    prompt = random_ids(6, 128, seed=7)
+    no_window = flashjax.load(path, sparsity="oracle", window=1)
+    window = flashjax.load(path, sparsity="oracle", window=8)
+    _, s1 = _tokens(no_window, prompt, n=16)
+    _, s8 = _tokens(window, prompt, n=16)
+    assert s8["bytes_read_per_token"] <= s1["bytes_read_per_token"]
+    assert s8["cache_hit_rate"] >= s1["cache_hit_rate"]
+
+
+def test_no_recompile_per_token_in_the_sparse_path(tiny_flash):
+    name, path = tiny_flash
+    budget = _minimum_budget(path) + 20 * llm_rows(path)
+    llm = flashjax.load(path, sparsity="oracle", memory_budget=budget, window=3, scratch_rows=16)
+    prompt = random_ids(6, llm.config.vocab_size, seed=8)
+    _tokens(llm, prompt, n=4)
+    warm = llm.runner.compile_count()
+    _tokens(llm, random_ids(7, llm.config.vocab_size, seed=9), n=30)
+    assert llm.runner.compile_count() == warm
+    _tokens(llm, prompt, n=3, sampling=SamplingParams(temperature=0.9, top_k=5, seed=3))
+    warm_sampling = llm.runner.compile_count()  # the head's sampling variants, once
+    _tokens(llm, prompt, n=30, sampling=SamplingParams(temperature=1.2, top_p=0.8, seed=4))
+    assert llm.runner.compile_count() == warm_sampling
+
+
+def llm_rows(path):
+    from flashjax.store import read_manifest
+    return read_manifest(path).config.n_layers * _row_bytes(path)
+
+
+def test_budget_parsing():
+    assert parse_budget("300MB", 10) == 300_000_000
+    assert parse_budget("2GiB", 10) == 2 * 2**30
+    assert parse_budget("50%", 1000) == 500
+    assert parse_budget(1234, 10) == 1234
+    with pytest.raises(ValueError, match="cannot read memory budget"):
+        parse_budget("lots", 10)
+
+
+def test_sparse_modes_need_a_converted_model(tmp_path):
+    directory = tmp_path / "hf"
+    build_tiny("llama_gqa", directory)
+    with pytest.raises(ValueError, match="flashjax convert"):
+        flashjax.load(str(directory), sparsity="naive")
+
+
+@pytest.mark.slow
+def test_default_model_oracle_equals_dense(default_gguf, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("smol") / "flash")
+    convert(str(default_gguf), out, progress=False)
+    dense = flashjax.load(out, progress=False)
+    prompt = dense.tokenizer.encode("The history of the printing press begins")
+    expected, _ = _tokens(dense, prompt, n=24)
+    for sparsity, budget in (("oracle", "50%"), ("naive", None)):
+        llm = flashjax.load(out, sparsity=sparsity, memory_budget=budget, verbose=True)
+        ours, stats = _tokens(llm, prompt, n=24)
+        assert ours == expected, sparsity
+        assert stats["weights_bytes"] <= stats["memory_budget_bytes"]
