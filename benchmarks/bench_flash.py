@@ -27,7 +27,7 @@ CONFIGS = [
     # (row name, sparsity, window, bundled)
     ("naive", "naive", 1, False),
     ("hybrid (half resident)", "hybrid", 1, False),
-    ("oracle, no windowing", "oracle", 1, False),
+    ("oracle, window 1 (no windowing)", "oracle", 1, False),
     ("oracle + windowing", "oracle", 5, False),
     ("oracle + windowing + bundling", "oracle", 5, True),
 ]

@@ -51,7 +51,7 @@ class SyntheticSource(ModelSource):
         self.active_fraction, self.seed = active_fraction, seed
 
     def _tensor(self, index: int, path: str) -> np.ndarray:
-        from scipy.stats import norm
+        from statistics import NormalDist
 
         cfg = self.config
         rng = np.random.default_rng((self.seed, index))
@@ -62,7 +62,8 @@ class SyntheticSource(ModelSource):
         if leaf == "b_up":
             # Threshold per neuron: mean firing rate = active_fraction, log-normal-ish spread of rates.
             rates = np.clip(rng.lognormal(np.log(self.active_fraction) - 0.5, 1.0, shape), 1e-5, 0.5)
-            return norm.ppf(rates).astype(np.float32)  # P(N(b, 1) > 0) = rate
+            inv_cdf = np.vectorize(NormalDist().inv_cdf)
+            return inv_cdf(rates).astype(np.float32)  # P(N(b, 1) > 0) = rate
         if leaf in ("bias", "bq", "bk", "bv", "bo", "b_down"):
             return np.zeros(shape, np.float32)
         fan_in = shape[1] if len(shape) == 2 else 1

@@ -122,6 +122,77 @@ def cmd_chat(args) -> int:
     return 0
 
 
+# ---- eval: perplexity and multiple choice (flashjax.evaluate) ----------------------------------------
+
+def _eval_report(result: dict, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(lines))
+
+
+def _engine_line(r: dict) -> str:
+    line = f"engine: {r['engine']} ({r['method']}), {r['seconds']:.1f} s"
+    if r.get("bytes_read_per_token") is not None:
+        line += f"; {r['bytes_read_per_token'] / 1e6:.3f} MB read per token"
+        if r.get("cache_hit_rate") is not None:
+            line += f", cache hit rate {r['cache_hit_rate']:.3f}"
+    return line
+
+
+def cmd_eval_ppl(args) -> int:
+    from flashjax.evaluate import perplexity
+
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    llm = _load(args)
+    r = perplexity(llm, text, context=args.context, stride=args.stride, max_tokens=args.max_tokens,
+                   progress=True)
+    _eval_report(r, args.json, [
+        f"perplexity {r['ppl']:.4f} (nll {r['nll']:.4f} nats/token) over {r['n_tokens']} tokens of {args.text}",
+        f"context {r['context']}, stride {r['stride']}, {r['windows']} windows",
+        _engine_line(r)])
+    return 0
+
+
+def cmd_eval_choice(args) -> int:
+    from flashjax.evaluate import load_tasks, multiple_choice
+
+    tasks = load_tasks(args.tasks, limit=args.limit)
+    llm = _load(args)
+    r = multiple_choice(llm, tasks, normalize=args.normalize, progress=True)
+    _eval_report(r, args.json, [
+        f"accuracy {r['accuracy']:.4f} ({r['correct']}/{r['n']}), "
+        f"length-normalized {r['accuracy_norm']:.4f} ({r['correct_norm']}/{r['n']}) on {args.tasks}",
+        _engine_line(r)])
+    return 0
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="measure the model: perplexity over a text, multiple-choice accuracy")
+    evals = p.add_subparsers(dest="eval_command", required=True)
+
+    q = evals.add_parser("ppl", help="sliding-window perplexity over a text file")
+    _add_model_args(q)
+    q.add_argument("--text", required=True, help="a UTF-8 text file")
+    q.add_argument("--context", type=int, default=512, help="tokens per window")
+    q.add_argument("--stride", type=int, default=256,
+                   help="tokens between window starts; each window after the first scores its last STRIDE tokens")
+    q.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
+    q.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    q.set_defaults(func=cmd_eval_ppl)
+
+    q = evals.add_parser("choice", help="multiple-choice accuracy by log-likelihood of each option")
+    _add_model_args(q)
+    q.add_argument("--tasks", required=True,
+                   help='JSONL file, one {"question": ..., "options": [...], "answer": index or text} a line')
+    q.add_argument("--limit", type=int, default=None, help="score only the first N tasks")
+    q.add_argument("--normalize", default="none", choices=["none", "length"],
+                   help="which rule each item's prediction follows (both accuracies are reported)")
+    q.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    q.set_defaults(func=cmd_eval_choice)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="one message, answered once (otherwise interactive)")
     p.add_argument("--system", default=None, help="a system message")
     p.set_defaults(func=cmd_chat)
+
+    _add_eval_parser(sub)
     return parser
 
 
