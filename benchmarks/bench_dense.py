@@ -12,14 +12,13 @@ far the dense decode is from the floor (weight bytes read per token / rate).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import log, machine, peak_rss_bytes, prompt_ids, summary, write_json  # noqa: E402
+from benchmarks.common import log, machine, peak_rss_bytes, prompt_ids, summary, finish  # noqa: E402
 
 
 def run_flashjax(llm, ids, n_new, runs):
@@ -146,10 +145,7 @@ def main(argv=None) -> int:
     if "decode_speedup_vs_transformers" in report:
         print(f"decode speed-up vs transformers: {report['decode_speedup_vs_transformers']:.2f}x; "
               f"greedy tokens identical: {report['greedy_tokens_identical']}")
-    write_json(report, args.out)
-    if args.json:
-        print(json.dumps(report))
-    return 0
+    return finish(report, args)
 
 
 if __name__ == "__main__":

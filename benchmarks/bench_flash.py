@@ -14,14 +14,13 @@ model converted with separate gate/up/down arrays; all other rows that precede
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import log, machine, peak_rss_bytes, prompt_ids, write_json  # noqa: E402
+from benchmarks.common import log, machine, peak_rss_bytes, prompt_ids, finish  # noqa: E402
 
 CONFIGS = [
     # (row name, sparsity, window, bundled)
@@ -155,10 +154,7 @@ def main(argv=None) -> int:
               "synthetic": bool(args.synthetic), "cold_page_cache": not args.warm,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows,
               "speedup_vs_naive": speedups}
-    write_json(report, args.out)
-    if args.json:
-        print(json.dumps(report))
-    return 0
+    return finish(report, args)
 
 
 if __name__ == "__main__":

@@ -74,3 +74,11 @@ def write_json(report: dict, out: str | None) -> None:
         pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(out).write_text(json.dumps(report, indent=2))
         log(f"wrote {out}")
+
+
+def finish(report: dict, args) -> int:
+    """Writes the report to --out and, with --json, prints it as the last line of stdout."""
+    write_json(report, args.out)
+    if args.json:
+        print(json.dumps(report))
+    return 0
