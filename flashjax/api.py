@@ -55,18 +55,25 @@ class LLM:
 
         `model`: "smollm2" (the built-in default), a Hugging Face directory, a .gguf file, or a
         directory written by `flashjax convert`. `sparsity`: "dense" (every weight resident; the
-        default without a budget), "naive" (the whole FFN read from disk each token) or "oracle"
-        (the true active neurons; default with a budget) — the last two need a converted model.
+        default without a budget), "naive" (the whole FFN read from disk each token), "hybrid"
+        (naive plus a cache of what fits), "oracle" (the true active neurons; a measuring device),
+        "predictor" (the calibrated predictors; the default with a budget once `flashjax calibrate`
+        has run, else oracle) or "gate" (SwiGLU gate resident) — all but dense need a converted model.
         `memory_budget`: bytes, "300MB", "2GiB" or "50%" of what the dense engine holds.
         Other keywords go to `flashjax.flash.runner.FlashOptions` (window, prefetch_depth,
-        scratch_rows, concurrency, threshold, evict_page_cache, verify).
+        scratch_rows, concurrency, threshold, evict_page_cache, verify, selection,
+        predictor_threshold, top_k, over_select, lookahead).
         """
         from flashjax.flash.selection import SPARSITY_MODES
         from flashjax.store import is_flash_dir
 
         engine_config = EngineConfig(compute_dtype=compute_dtype, max_context=max_context)
         if sparsity is None:
-            sparsity = "oracle" if memory_budget is not None else "dense"
+            sparsity = "dense"
+            if memory_budget is not None:
+                from flashjax.sparsity import has_predictors
+                # Once calibrated, the predictors are the default way to pick neurons under a budget.
+                sparsity = "predictor" if is_flash_dir(str(model)) and has_predictors(str(model)) else "oracle"
         if sparsity not in SPARSITY_MODES:
             raise ValueError(f"unknown sparsity {sparsity!r}; choose one of {', '.join(SPARSITY_MODES)}")
         if sparsity != "dense":

@@ -17,10 +17,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, help="cap the context length (default: the model's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (float32 is fastest on XLA:CPU)")
-    p.add_argument("--sparsity", default=None, choices=["dense", "naive", "oracle"],
+    p.add_argument("--sparsity", default=None, choices=["dense", "naive", "hybrid", "oracle", "predictor", "gate"],
                    help="dense: all weights resident (default without a budget); naive: the whole FFN read "
-                        "from disk per token; oracle: the true active neurons (default with a budget; a "
-                        "measuring device: its own full computation is outside the budget and the timings)")
+                        "from disk per token; hybrid: naive plus a cache of what fits; oracle: the true active "
+                        "neurons (a measuring device: its full computation is outside the budget and timings); "
+                        "predictor: the calibrated low-rank predictors (default with a budget once calibrated); "
+                        "gate: SwiGLU gate kept resident and thresholded (needs calibrate too)")
+    p.add_argument("--selection", default="threshold", choices=["threshold", "topk"],
+                   help="predictor/gate: threshold on the score, or each token's top-k")
+    p.add_argument("--predictor-threshold", type=float, default=0.5, help="sigmoid score a neuron must exceed")
+    p.add_argument("--top-k-neurons", type=int, default=None,
+                   help="top-k selection: k per layer (default: the calibrated mean active count)")
+    p.add_argument("--over-select", type=float, default=1.0, help="top-k selection: multiply k by this")
+    p.add_argument("--no-lookahead", action="store_true", help="predictor: do not read layer l+1 ahead")
     p.add_argument("--memory-budget", default=None,
                    help="memory the weights may take: bytes like 300MB or 2GiB, or a share of the dense model like 50%%")
     p.add_argument("--window", type=int, default=5, help="tokens whose neurons stay cached")
@@ -51,9 +60,30 @@ def _load(args):
     flash = {}
     if args.sparsity not in (None, "dense") or args.memory_budget is not None:
         flash = dict(window=args.window, prefetch_depth=args.prefetch_depth, concurrency=args.concurrency,
-                     evict_page_cache=args.evict_page_cache)
+                     evict_page_cache=args.evict_page_cache, selection=args.selection,
+                     predictor_threshold=args.predictor_threshold, top_k=args.top_k_neurons,
+                     over_select=args.over_select, lookahead=not args.no_lookahead)
     return LLM.load(args.model, compute_dtype=args.dtype, max_context=args.max_context, sparsity=args.sparsity,
                     memory_budget=args.memory_budget, verbose=args.verbose, **flash)
+
+
+def cmd_calibrate(args) -> int:
+    from flashjax.sparsity import calibrate
+
+    texts = None
+    if args.text:
+        texts = []
+        for path in args.text:
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
+    pred = calibrate(args.model, texts=texts, tokens=args.tokens, rank=args.rank, rank_last=args.rank_last,
+                     target_sparsity=args.target_sparsity, seq_len=args.seq_len, epochs=args.epochs,
+                     kind=args.kind, lookahead=not args.no_lookahead)
+    summary = {"model": args.model, "kind": pred.kind, "ranks": list(pred.ranks),
+               "target_sparsity": pred.target_sparsity, "metrics": pred.metrics, "info": pred.info}
+    if args.json:
+        print(json.dumps(summary, default=float))
+    return 0
 
 
 def cmd_convert(args) -> int:
@@ -213,6 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store gate/up/down as separate arrays (the benchmark's bundling-off baseline)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("calibrate", help="train the sparsity predictors of a converted model and store them with it")
+    p.add_argument("model", help="a directory written by `flashjax convert`")
+    p.add_argument("--text", nargs="*", default=None,
+                   help="calibration text files (default: text the model writes itself from built-in prompts)")
+    p.add_argument("--tokens", type=int, default=8192, help="token positions collected")
+    p.add_argument("--rank", type=int, default=None, help="predictor rank (default: proportional to d_model)")
+    p.add_argument("--rank-last", type=int, default=None, help="rank of the last 4 layers (denser)")
+    p.add_argument("--target-sparsity", type=float, default=None,
+                   help="share of neurons counted inactive (SwiGLU default 0.5; ReLU: exact zeros)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--kind", default="lowrank", choices=["lowrank", "gate"],
+                   help="lowrank: train predictors; gate: only the SwiGLU gate thresholds (training-free)")
+    p.add_argument("--no-lookahead", action="store_true", help="skip the lookahead predictors")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("chat", help="chat with the model (its chat template applied)")
     _add_model_args(p)

@@ -133,3 +133,55 @@ def test_default_model_oracle_equals_dense(default_gguf, tmp_path_factory):
         ours, stats = _tokens(llm, prompt, n=24)
         assert ours == expected, sparsity
         assert stats["weights_bytes"] <= stats["memory_budget_bytes"]
+
+
+def _calibrated(path, tmp_path_factory, **options):
+    import shutil
+
+    from flashjax.sparsity import calibrate
+
+    out = str(tmp_path_factory.mktemp("calibrated") / "model")
+    shutil.copytree(path, out)
+    ids = [random_ids(32, 128, seed=s).tolist() for s in range(8)]
+    calibrate(out, token_ids=ids, tokens=256, seq_len=32, epochs=2, progress=False, **options)
+    return out
+
+
+def test_predictor_mode_needs_calibration(tiny_flash):
+    from flashjax.sparsity import PredictorsError
+
+    name, path = tiny_flash
+    with pytest.raises(PredictorsError, match="flashjax calibrate"):
+        flashjax.load(path, sparsity="predictor")
+
+
+def test_predictor_selecting_everything_equals_dense(tiny_flash, tmp_path_factory):
+    name, path = tiny_flash
+    calibrated = _calibrated(path, tmp_path_factory)
+    dense = flashjax.load(calibrated, progress=False)
+    prompt = random_ids(6, dense.config.vocab_size, seed=11)
+    expected, _ = _tokens(dense, prompt)
+    # A threshold below every sigmoid score selects every neuron: the sparse FFN is the dense one.
+    llm = flashjax.load(calibrated, sparsity="predictor", predictor_threshold=-1.0, window=2)
+    ours, stats = _tokens(llm, prompt)
+    assert ours == expected
+    assert stats["needed_neurons_per_token"] == dense.config.n_layers * dense.config.d_ffn
+    assert stats["lookahead_coverage"] is not None
+    # The default threshold reads fewer neurons than that, and a budget defaults to the predictors.
+    default = flashjax.load(calibrated, memory_budget="1GB")
+    assert default.runner.options.sparsity == "predictor"
+    _, s = _tokens(default, prompt)
+    assert s["needed_neurons_per_token"] < dense.config.n_layers * dense.config.d_ffn
+
+
+def test_gate_path_with_nothing_dropped_equals_dense(tiny_flash, tmp_path_factory):
+    name, path = tiny_flash
+    if name == "opt":
+        pytest.skip("the gate path is for SwiGLU models")
+    calibrated = _calibrated(path, tmp_path_factory, kind="gate", target_sparsity=0.0)
+    dense = flashjax.load(calibrated, progress=False)
+    prompt = random_ids(6, dense.config.vocab_size, seed=12)
+    expected, _ = _tokens(dense, prompt)
+    llm = flashjax.load(calibrated, sparsity="gate")
+    ours, stats = _tokens(llm, prompt)
+    assert ours == expected

@@ -34,7 +34,7 @@ from flashjax.sampling import SamplingParams
 
 @dataclasses.dataclass(frozen=True)
 class FlashOptions:
-    sparsity: str = "oracle"  # "naive" | "hybrid" (naive, plus a cache of what fits) | "oracle"
+    sparsity: str = "oracle"  # "naive" | "hybrid" (naive + a cache of what fits) | "oracle" | "predictor" | "gate"
     memory_budget: str | int | None = None  # bytes, "300MB", "2GiB", "50%"; None: unlimited
     window: int = 5  # tokens whose neurons stay cached (the paper uses 4-5)
     prefetch_depth: int = 2  # layers whose reads may be in flight ahead of the compute
@@ -43,6 +43,13 @@ class FlashOptions:
     threshold: float = 0.0  # oracle: |activation| above this counts as active
     evict_page_cache: bool = False  # before each token: cold reads, honest figures
     verify: bool = True  # check every shard's checksum when opening
+    # predictor / gate selection (see flashjax.sparsity.Selection): a threshold on the predictor's
+    # sigmoid, or each token's top-k (k defaults to the calibrated active count) times over_select.
+    selection: str = "threshold"
+    predictor_threshold: float = 0.5
+    top_k: int | None = None
+    over_select: float = 1.0
+    lookahead: bool = True  # predictor: start reading layer l+1 from layer l's input
 
     def __post_init__(self):
         if self.window < 1:
@@ -84,26 +91,16 @@ class FlashRunner:
         self.part_slices = tuple((name, (layout.part_slice(name).start, layout.part_slice(name).stop))
                                  for name in layout.names)
         self.dense_bytes = dense_weight_bytes(cfg, self.compute_dtype)
+        self.selector = self._make_selector(flash_model, options, oracle_params)
         budget = None if options.memory_budget is None else parse_budget(options.memory_budget, self.dense_bytes)
-        self.plan = plan_memory(cfg, budget, tree_nbytes(self.params), layout.record_width,
+        # Predictors and a resident gate projection are held in memory too: they count.
+        resident = tree_nbytes(self.params) + getattr(self.selector, "nbytes", 0)
+        self.plan = plan_memory(cfg, budget, resident, layout.record_width,
                                 self.store.dtype.itemsize, self.compute_dtype.itemsize, options.scratch_rows,
                                 options.prefetch_depth,
                                 max_cache_rows=0 if options.sparsity == "naive" else None)
         if verbose:
             print(f"flashjax: {self.plan.describe()}", file=sys.stderr)
-        if options.sparsity in ("naive", "hybrid"):
-            # Hybrid is naive with a cache: the neurons that fit stay for good (every token needs
-            # them all, so they never leave the window) and the rest stream from disk every token.
-            self.selector = NaiveSelector(cfg)
-        elif options.sparsity == "oracle":
-            if oracle_params is None:
-                from flashjax.model.params import load_params
-                from flashjax.store import open_flash_source
-                oracle_params = load_params(open_flash_source(flash_model.path, verify=False), progress=False)
-            self.selector = OracleSelector(cfg, oracle_params, options.threshold)
-        else:
-            raise ValueError(f"unknown sparsity {options.sparsity!r} for the flash engine; "
-                             f"use naive, hybrid or oracle (dense runs everything resident)")
         rows = self.plan.cache_rows_per_layer
         self.caches = [LayerNeuronCache(rows, cfg.d_ffn, options.window) for _ in range(cfg.n_layers)]
         self.buffers = [{name: jnp.zeros((rows, stop - start), self.compute_dtype)
@@ -112,6 +109,32 @@ class FlashRunner:
         self.kv = None
         self._warm = False
         self.token_stats: list[dict] = []
+
+    @staticmethod
+    def _make_selector(flash_model, options, oracle_params):
+        cfg = flash_model.config
+        if options.sparsity in ("naive", "hybrid"):
+            # Hybrid is naive with a cache: the neurons that fit stay for good (every token needs
+            # them all, so they never leave the window) and the rest stream from disk every token.
+            return NaiveSelector(cfg)
+        if options.sparsity == "oracle":
+            if oracle_params is None:
+                from flashjax.model.params import load_params
+                from flashjax.store import open_flash_source
+                oracle_params = load_params(open_flash_source(flash_model.path, verify=False), progress=False)
+            return OracleSelector(cfg, oracle_params, options.threshold)
+        if options.sparsity in ("predictor", "gate"):
+            from flashjax.flash.selection import GatePathSelector, PredictorSelector
+            from flashjax.sparsity import Selection, require_predictors
+
+            predictors = require_predictors(flash_model.path, verify=options.verify)
+            selection = Selection(mode=options.selection, threshold=options.predictor_threshold,
+                                  top_k=options.top_k, over_select=options.over_select)
+            if options.sparsity == "gate":
+                return GatePathSelector(flash_model.path, predictors, selection)
+            return PredictorSelector(predictors, selection, options.lookahead)
+        raise ValueError(f"unknown sparsity {options.sparsity!r} for the flash engine; "
+                         f"use naive, hybrid, oracle, predictor or gate (dense runs everything resident)")
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -178,32 +201,51 @@ class FlashRunner:
         return x
 
     def _layers(self, x, positions, start, needed_ahead, update_caches: bool):
-        """Runs every layer; returns (x, stats)."""
-        stats = dict(io_wait_ms=0.0, mm_ms=0.0, bytes_read=0, neurons_read=0, read_ops=0, evicted=0,
-                     hits=0, needed=0)
-        updates = []
-        t0 = time.perf_counter()
-        for l, needed in enumerate(needed_ahead):
-            upd = self.caches[l].step(needed) if update_caches else None
-            updates.append(upd)
-            self.prefetcher.submit(l, upd.read_ids if upd is not None else needed)
-        stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
+        """Runs every layer; returns (x, stats).
+
+        `needed_ahead`: every layer's neuron ids, known before the token starts (naive, oracle,
+        prefill): all reads go to the prefetch thread at once and run ahead of the compute. None:
+        the selector picks per layer from that layer's FFN input; with lookahead, layer l+1's
+        predicted reads are issued as soon as layer l's input is known.
+        """
+        stats = dict(io_wait_ms=0.0, mm_ms=0.0, select_ms=0.0, bytes_read=0, neurons_read=0, read_ops=0,
+                     evicted=0, hits=0, needed=0, ahead_read=0, ahead_used=0, missing=0)
+        updates = [None] * self.cfg.n_layers
+        if needed_ahead is not None:
+            t0 = time.perf_counter()
+            for l, needed in enumerate(needed_ahead):
+                updates[l] = self.caches[l].step(needed) if update_caches else None
+                self.prefetcher.submit(l, updates[l].read_ids if update_caches else needed)
+            stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
+        speculative = None  # (layer, ids, pending read) issued from the previous layer's input
         for l, layer in enumerate(self.params["layers"]):
             x, h, self.kv[l] = kernels.attention_step(self.cfg, layer, x, positions, start, self.kv[l])
-            got_layer, rows, read, waited = self.prefetcher.get()
-            assert got_layer == l
-            stats["io_wait_ms"] += waited * 1e3
-            stats["bytes_read"] += read.bytes
-            stats["neurons_read"] += read.neurons
-            stats["read_ops"] += read.ranges
-            upd = updates[l]
+            if needed_ahead is not None:
+                _, rows, read, waited = self.prefetcher.get()
+                stats["io_wait_ms"] += waited * 1e3
+                self._count_read(stats, read)
+                upd = updates[l]
+            else:
+                t0 = time.perf_counter()
+                needed = self.selector.needed(l, h)
+                ahead = self.selector.ahead(l + 1, h) if l + 1 < self.cfg.n_layers else None
+                stats["select_ms"] += (time.perf_counter() - t0) * 1e3
+                t0 = time.perf_counter()
+                upd = self.caches[l].step(needed)
+                stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
+                rows = self._read_layer(l, upd.read_ids, speculative, stats)
+                speculative = None
+                if ahead is not None:
+                    # Only what layer l+1's cache lacks; its reads overlap this layer's compute.
+                    missing = ahead[self.caches[l + 1].slot_of[ahead] < 0]
+                    speculative = (l + 1, missing, self.store.read_neurons_async(l + 1, missing))
+                stats["needed"] += len(needed)
             count = 0
             if upd is not None:
                 t1 = time.perf_counter()
                 n_load = len(upd.load_ids)
                 if self.plan.cache_rows_per_layer and (len(upd.moves_src) or n_load):
-                    m, k = _bucket(len(upd.moves_src)), _bucket(n_load)
-                    size = max(m, k)
+                    size = max(_bucket(len(upd.moves_src)), _bucket(n_load))
                     loaded = np.zeros((size, rows.shape[1]), rows.dtype)
                     loaded[:n_load] = rows[:n_load]
                     cap = self.plan.cache_rows_per_layer
@@ -214,10 +256,40 @@ class FlashRunner:
                 count = upd.count
                 stats["evicted"] += upd.evicted
                 stats["hits"] += upd.hits
-                stats["needed"] += len(needed_ahead[l])
+                if needed_ahead is not None:
+                    stats["needed"] += len(needed_ahead[l])
                 stats["mm_ms"] += (time.perf_counter() - t1) * 1e3
             x = self._ffn(l, x, h, rows, count)
         return x, stats
+
+    @staticmethod
+    def _count_read(stats, read) -> None:
+        stats["bytes_read"] += read.bytes
+        stats["neurons_read"] += read.neurons
+        stats["read_ops"] += read.ranges
+
+    def _read_layer(self, l, read_ids, speculative, stats):
+        """Records of `read_ids` for layer l: those the lookahead already fetched, the rest read now."""
+        t0 = time.perf_counter()
+        have = np.zeros(0, np.int64)
+        if speculative is not None and speculative[0] == l:
+            _, have, pending = speculative
+            have_rows = pending.result()
+            self._count_read(stats, pending.stats)
+            stats["ahead_read"] += len(have)
+        fetched = np.isin(read_ids, have)
+        stats["ahead_used"] += int(fetched.sum())
+        stats["missing"] += len(read_ids)
+        rest = read_ids[~fetched]
+        rows = np.empty((len(read_ids), self.store.record_width), self.store.dtype)
+        if len(rest):
+            pending = self.store.read_neurons_async(l, rest)
+            rows[~fetched] = pending.result()
+            self._count_read(stats, pending.stats)
+        if fetched.any():
+            rows[fetched] = have_rows[np.searchsorted(have, read_ids[fetched])]
+        stats["io_wait_ms"] += (time.perf_counter() - t0) * 1e3
+        return rows
 
     def prefill(self, prompt: np.ndarray, s: SamplingParams, key):
         capacity = self.kv[0][0].shape[2]
@@ -238,7 +310,8 @@ class FlashRunner:
         token_id = int(token[0])
         if self.options.evict_page_cache:
             self.store.evict_page_cache()
-        needed = self.selector.begin(token_id, pos)  # outside the timings: the oracle is a measuring device
+        # Outside the timings: the oracle is a measuring device. Per-layer selectors return None here.
+        needed = self.selector.begin(token_id, pos)
         t0 = time.perf_counter()
         positions = np.full((1, 1), pos, np.int32)
         x = kernels.embed_tokens(self.cfg, self.params, np.array([[token_id]], np.int32), positions)
@@ -271,6 +344,14 @@ class FlashRunner:
             "bytes_read_per_token": mean("bytes_read"), "neurons_read_per_token": mean("neurons_read"),
             "read_ops_per_token": mean("read_ops"), "evicted_per_token": mean("evicted"),
             "cache_hit_rate": (sum(t["hits"] for t in per_token) / needed) if needed else None,
+            "select_ms": mean("select_ms"),
+            "needed_neurons_per_token": needed / n,
+            # Lookahead: of the neurons a layer had to read, the share already read from the
+            # previous layer's input; and how much of what was read ahead was then used.
+            "lookahead_coverage": (sum(t["ahead_used"] for t in per_token) / max(1, sum(t["missing"] for t in per_token)))
+            if any(t["ahead_read"] for t in per_token) else None,
+            "lookahead_precision": (sum(t["ahead_used"] for t in per_token) / max(1, sum(t["ahead_read"] for t in per_token)))
+            if any(t["ahead_read"] for t in per_token) else None,
             "ffn_bytes": self.cfg.n_layers * self.cfg.d_ffn * self.store.record_nbytes,
         }
 

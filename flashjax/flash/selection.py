@@ -1,6 +1,7 @@
-"""How the flash engine chooses the neurons a token needs (`--sparsity`). Pluggable: a selector
-either knows every layer's set when the token starts (`ahead`), which lets the prefetch thread read
-layers ahead of the compute, or picks per layer from that layer's FFN input.
+"""How the flash engine chooses the neurons a token needs (`--sparsity`). Pluggable: a selector's
+`begin(token, pos)` either returns every layer's set when the token starts (naive, oracle), which
+lets the prefetch thread read layers ahead of the compute, or returns None and picks per layer from
+that layer's FFN input with `needed(layer, h)` (and `ahead(layer + 1, h)` for lookahead reads).
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from flashjax.engine import _round_up
 from flashjax.model.layers import ffn_activation
 from flashjax.model.transformer import forward, init_kv_cache
 
-SPARSITY_MODES = ("dense", "naive", "hybrid", "oracle")
+SPARSITY_MODES = ("dense", "naive", "hybrid", "oracle", "predictor", "gate")
 
 
 class NaiveSelector:
     """Every neuron, every token: the paper's baseline (run with no cache, it reads the whole FFN)."""
-
-    ahead = True
 
     def __init__(self, cfg: ModelConfig):
         self._all = np.arange(cfg.d_ffn, dtype=np.int64)
@@ -66,8 +65,6 @@ class OracleSelector:
     models with threshold 0, every neuron with a nonzero activation (in practice all of them).
     """
 
-    ahead = True
-
     def __init__(self, cfg: ModelConfig, full_params, threshold: float = 0.0):
         self.cfg, self.params, self.threshold = cfg, full_params, float(threshold)
         self.cache = None
@@ -88,3 +85,53 @@ class OracleSelector:
                                              np.int32(pos), self.cache)
         active = np.asarray(acts) > self.threshold
         return [np.flatnonzero(row) for row in active]
+
+
+class PredictorSelector:
+    """The paper's low-rank predictors (from `flashjax calibrate`), one per layer, on that layer's
+    FFN input; with lookahead, a second predictor per layer guesses layer l+1's neurons from layer
+    l's input so their reads start before layer l+1's attention has run."""
+
+    def __init__(self, predictors, selection, lookahead: bool = True):
+        self.predictors, self.selection = predictors, selection
+        self.use_lookahead = lookahead and predictors.lookahead is not None
+
+    @property
+    def nbytes(self) -> int:
+        return self.predictors.nbytes
+
+    def start(self, capacity: int) -> None:
+        pass
+
+    def prefill(self, prompt) -> None:
+        pass
+
+    def begin(self, token: int, pos: int):
+        return None
+
+    def needed(self, layer: int, h) -> np.ndarray:
+        return self.predictors.needed_ids(layer, h, self.selection)
+
+    def ahead(self, layer: int, h_prev):
+        return self.predictors.lookahead_ids(layer, h_prev, self.selection) if self.use_lookahead else None
+
+
+class GatePathSelector(PredictorSelector):
+    """SwiGLU without training: the gate projection stays resident and is computed exactly; only
+    neurons whose |silu(gate)| clears the calibrated threshold have their records read."""
+
+    def __init__(self, model_dir, predictors, selection):
+        from flashjax.sparsity import GateSelector
+
+        super().__init__(predictors, selection, lookahead=False)
+        if predictors.gate_thresholds is None:
+            raise ValueError("the gate path is for SwiGLU models (this model's predictors have no gate thresholds)")
+        self.gate = GateSelector.from_model(model_dir, predictors.gate_thresholds, top_k=(
+            selection.top_k if selection.mode == "topk" else None), over_select=selection.over_select)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes
+
+    def needed(self, layer: int, h) -> np.ndarray:
+        return self.gate.needed_ids(layer, h)
