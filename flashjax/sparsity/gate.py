@@ -1,0 +1,127 @@
+"""The training-free SwiGLU path: keep each layer's gate projection resident, compute it exactly,
+and read only the up/down rows of the neurons whose |silu(gate)| clears a per-layer threshold.
+
+The threshold is calibrated like the activation threshold, on |silu(gate)| instead of
+|silu(gate) * up|: the `target_sparsity` quantile over the calibration tokens. A threshold of 0
+keeps every neuron with a nonzero gate (in practice all of them), so the path then equals dense.
+
+    selector = GateSelector.from_model(model_dir, thresholds)   # w_gate [F, D] per layer, resident
+    ids = selector.needed_ids(layer, h)                          # h [..., D], numpy or jax
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashjax.sparsity.predictor import _topk_rows, selection_metrics
+from flashjax.sparsity.thresholds import quantile_threshold
+
+
+def _gate_magnitude(w_gate, h, b_gate=None):
+    # [..., F]
+    g = jnp.einsum("...d,fd->...f", h.astype(jnp.float32), w_gate.astype(jnp.float32))
+    if b_gate is not None:
+        g = g + b_gate
+    return jnp.abs(jax.nn.silu(g))
+
+
+gate_magnitude = jax.jit(_gate_magnitude)
+gate_magnitude.__doc__ = "|silu(h @ w_gate.T + b_gate)| [..., F] for h [..., D], w_gate [F, D] (jitted)."
+
+
+@jax.jit
+def gate_mask(w_gate, h, threshold, b_gate=None):
+    """bool [F]: neurons whose |silu(gate)| > threshold for any token of h [..., D]."""
+    m = _gate_magnitude(w_gate, h, b_gate)
+    return jnp.any(m.reshape(-1, m.shape[-1]) > threshold, axis=0)
+
+
+@jax.jit
+def gate_topk_mask(w_gate, h, k, b_gate=None):
+    """bool [F]: each token's k largest |silu(gate)| (union over tokens); k traced."""
+    m = _gate_magnitude(w_gate, h, b_gate)
+    return jnp.any(_topk_rows(m.reshape(-1, m.shape[-1]), k), axis=0)
+
+
+def gate_keep_ids(w_gate, h, threshold: float, b_gate=None) -> np.ndarray:
+    """Sorted neuron ids (int64) kept by the gate path for h [..., D]."""
+    return np.flatnonzero(np.asarray(gate_mask(w_gate, h, np.float32(threshold), b_gate)))
+
+
+def gate_magnitudes(x: np.ndarray, w_gate, b_gate=None, chunk: int = 4096) -> np.ndarray:
+    """|silu(gate)| [N, F] float32 of calibration inputs x [N, D], computed in chunks."""
+    w = jnp.asarray(w_gate)
+    b = None if b_gate is None else jnp.asarray(b_gate)
+    return np.concatenate([np.asarray(gate_magnitude(w, jnp.asarray(x[i:i + chunk]), b))
+                           for i in range(0, len(x), chunk)])
+
+
+def gate_threshold(x: np.ndarray, w_gate, target_sparsity: float | None, b_gate=None) -> float:
+    """The |silu(gate)| threshold that drops `target_sparsity` of (token, neuron) pairs of x [N, D]."""
+    if not target_sparsity:
+        return 0.0
+    return quantile_threshold(gate_magnitudes(x, w_gate, b_gate), target_sparsity)
+
+
+def gate_metrics(x: np.ndarray, w_gate, threshold: float, labels: np.ndarray, magnitudes: np.ndarray | None = None,
+                 b_gate=None) -> dict:
+    """How well the gate path's choice matches the true active neurons (see `selection_metrics`)."""
+    return selection_metrics(gate_magnitudes(x, w_gate, b_gate) > threshold, labels, magnitudes)
+
+
+@dataclasses.dataclass
+class GateSelector:
+    """Per layer: the resident gate projection w_gate [F, D] (+ b_gate [F]) and its threshold.
+
+    `top_k` (with `over_select`), when set, keeps each token's k largest |silu(gate)| instead of
+    thresholding."""
+
+    w_gate: list
+    thresholds: np.ndarray
+    b_gate: list | None = None
+    top_k: int | None = None
+    over_select: float = 1.0
+
+    def needed_ids(self, layer: int, h) -> np.ndarray:
+        b = None if self.b_gate is None else self.b_gate[layer]
+        w = self.w_gate[layer]
+        if self.top_k is not None:
+            k = int(min(w.shape[0], max(1, np.ceil(self.top_k * self.over_select))))
+            return np.flatnonzero(np.asarray(gate_topk_mask(w, h, np.int32(k), b)))
+        return np.flatnonzero(np.asarray(gate_mask(w, h, np.float32(self.thresholds[layer]), b)))
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the resident gate projections take."""
+        parts = list(self.w_gate) + (list(self.b_gate) if self.b_gate is not None else [])
+        return int(sum(p.size * p.dtype.itemsize for p in parts))
+
+    @classmethod
+    def from_model(cls, model_dir, thresholds, dtype=jnp.float32, **options) -> "GateSelector":
+        """Reads every layer's gate rows out of a flash model's FFN records (a whole-layer read each,
+        once, at load time) and keeps them on the device."""
+        w, b = load_gate_weights(model_dir, dtype)
+        return cls(w, np.asarray(thresholds, np.float32), b, **options)
+
+
+def load_gate_weights(model_dir, dtype=jnp.float32) -> tuple[list, list | None]:
+    """(w_gate [F, D] per layer, b_gate [F] per layer or None) as jax arrays, read from the records
+    of a flash model directory."""
+    from flashjax.store import open_flash_model
+
+    model = open_flash_model(model_dir, verify=False)
+    if not model.config.is_glu:
+        raise ValueError(f"{model_dir}: the gate path needs a SwiGLU model; "
+                         f"this one uses {model.config.ffn_activation}")
+    store, layout = model.ffn_store(), model.manifest.layout
+    w, b = [], []
+    for layer in range(model.config.n_layers):
+        records = store.read_layer(layer)
+        w.append(jnp.asarray(records[:, layout.part_slice("gate")], dtype))
+        if "b_gate" in layout.names:
+            b.append(jnp.asarray(records[:, layout.part_slice("b_gate")][:, 0], jnp.float32))
+    return w, (b or None)
