@@ -61,12 +61,15 @@ class OracleSelector:
 
     A measuring device, not part of the engine: it holds the whole model in memory (outside the
     memory budget) and runs outside the timings. It shows the best a perfect predictor could do.
-    "Active" means |activation| > threshold: for ReLU models a positive activation; for SwiGLU
-    models with threshold 0, every neuron with a nonzero activation (in practice all of them).
+    "Active" means |activation| > threshold (a scalar or one per layer): for ReLU models a positive
+    activation; for SwiGLU models with threshold 0, every neuron with a nonzero activation (in
+    practice all of them), or with calibrated thresholds, the target share by true magnitude.
     """
 
-    def __init__(self, cfg: ModelConfig, full_params, threshold: float = 0.0):
-        self.cfg, self.params, self.threshold = cfg, full_params, float(threshold)
+    def __init__(self, cfg: ModelConfig, full_params, threshold=0.0):
+        # A scalar, or one threshold per layer (e.g. calibrated to a target sparsity).
+        self.cfg, self.params = cfg, full_params
+        self.threshold = np.broadcast_to(np.asarray(threshold, np.float32), (cfg.n_layers,))[:, None]
         self.cache = None
 
     def start(self, capacity: int) -> None:

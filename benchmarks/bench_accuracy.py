@@ -1,0 +1,88 @@
+"""What sparsity costs in accuracy: perplexity on held-out text, dense vs each sparse mode, with bytes read.
+
+Calibrate first (on other text), then:
+
+    python benchmarks/bench_accuracy.py MODEL_DIR --text EVAL.txt --max-tokens 512 [--json] [--out FILE]
+
+Rows: dense; oracle with the calibrated thresholds (the true top neurons at the target sparsity,
+with windowing); the predictors at several sigmoid thresholds; the gate path. Every sparse row runs
+token by token through the flash engine (teacher-forced), so its perplexity is what generation sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import finish, log, machine  # noqa: E402
+
+ROWS = [
+    # (name, load options)
+    ("dense", dict(sparsity="dense")),
+    ("oracle, calibrated threshold + window 5", dict(sparsity="oracle", threshold="calibrated")),
+    ("predictor, score > 0.5", dict(sparsity="predictor", predictor_threshold=0.5)),
+    ("predictor, score > 0.3", dict(sparsity="predictor", predictor_threshold=0.3)),
+    ("predictor, score > 0.2", dict(sparsity="predictor", predictor_threshold=0.2)),
+    ("gate path (gate resident)", dict(sparsity="gate")),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="a converted and calibrated model directory")
+    p.add_argument("--text", required=True, help="evaluation text the predictors never saw")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--rows", nargs="*", default=None, help="subset of row names")
+    p.add_argument("--memory-budget", default=None, help="budget for the sparse rows (default: unlimited)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    import flashjax
+    from flashjax.evaluate import perplexity
+    from flashjax.sparsity import load_predictors
+
+    text = open(args.text, encoding="utf-8").read()
+    pred = load_predictors(args.model)
+    rows = []
+    for name, options in ROWS:
+        if args.rows and name not in args.rows:
+            continue
+        log(f"{name}")
+        budget = None if options["sparsity"] == "dense" else args.memory_budget
+        llm = flashjax.load(args.model, progress=False, memory_budget=budget, **options)
+        # stride == context: every token is scored once, each window a fresh start.
+        r = perplexity(llm, text, context=args.context, stride=args.context, max_tokens=args.max_tokens,
+                       progress=True)
+        row = {"config": name, "ppl": r["ppl"], "n_tokens": r["n_tokens"],
+               "bytes_read_per_token": r.get("bytes_read_per_token", 0),
+               "neurons_read_per_token": r.get("neurons_read_per_token", 0),
+               "needed_neurons_per_token": (r.get("engine_stats") or {}).get("needed_neurons_per_token")}
+        rows.append(row)
+        log(f"  ppl {row['ppl']:.3f}, {row['bytes_read_per_token'] / 1e6:.2f} MB read/token")
+    dense_ppl = rows[0]["ppl"] if rows and rows[0]["config"] == "dense" else None
+    n_cells = llm.config.n_layers * llm.config.d_ffn
+    print(f"| configuration | perplexity | vs dense | neurons used / token (of {n_cells}) | MB read / token |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        rel = f"{100 * (r['ppl'] / dense_ppl - 1):+.1f}%" if dense_ppl else "-"
+        used = "-" if r["needed_neurons_per_token"] is None else f"{r['needed_neurons_per_token']:.0f}"
+        print(f"| {r['config']} | {r['ppl']:.3f} | {rel} | {used} | {r['bytes_read_per_token'] / 1e6:.2f} |")
+    recall = None
+    if pred is not None and pred.metrics.get("predictor"):
+        recall = [m.get("recall") for m in pred.metrics["predictor"]]
+        print("predictor recall per layer (held-out calibration tokens, score > 0.5): "
+              + " ".join(f"{x:.2f}" for x in recall))
+    report = {"benchmark": "accuracy", "machine": machine(), "model": args.model, "text": args.text,
+              "context": args.context, "stride": args.context, "memory_budget": args.memory_budget, "max_tokens": args.max_tokens,
+              "rows": rows, "predictor_recall_per_layer": recall,
+              "target_sparsity": None if pred is None else pred.target_sparsity}
+    return finish(report, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
