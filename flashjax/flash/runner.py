@@ -75,6 +75,15 @@ def _scratch_bucket(n: int, limit: int) -> int:
     return min(size, limit)
 
 
+def _whole_blocks(ids: np.ndarray, block: int, n: int) -> np.ndarray:
+    """Every neuron id in the blocks that hold `ids` (sorted)."""
+    if block == 1 or len(ids) == 0:
+        return ids
+    starts = np.unique(ids // block) * block
+    full = (starts[:, None] + np.arange(block)[None]).ravel()
+    return full[full < n]
+
+
 def _pad(values: np.ndarray, size: int, fill: int) -> np.ndarray:
     out = np.full(size, fill, np.int32)
     out[:len(values)] = values
@@ -237,18 +246,21 @@ class FlashRunner:
                 ahead = self.selector.ahead(l + 1, h) if l + 1 < self.cfg.n_layers else None
                 stats["select_ms"] += (time.perf_counter() - t0) * 1e3
                 if speculative is not None and speculative[0] == l:
-                    # What the lookahead already read is used too: no read is wasted, and the
+                    # What the lookahead predicted is used too: its reads are not wasted, and the
                     # extra neurons only bring the FFN closer to dense.
-                    needed = np.union1d(needed, speculative[1])
+                    needed = np.union1d(needed, speculative[3])
                 t0 = time.perf_counter()
                 upd = self.caches[l].step(needed)
                 stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
                 rows = self._read_layer(l, upd.read_ids, speculative, stats)
                 speculative = None
                 if ahead is not None:
-                    # Only what layer l+1's cache lacks; its reads overlap this layer's compute.
-                    missing = ahead[self.caches[l + 1].slot_of[ahead] < 0]
-                    speculative = (l + 1, missing, self.store.read_neurons_async(l + 1, missing))
+                    # Only what layer l+1's cache lacks; its reads overlap this layer's compute. Whole
+                    # blocks are read anyway, so keep all their rows: a neuron the lookahead missed
+                    # but that shares a block with one it caught is then not read a second time.
+                    missing = _whole_blocks(ahead[self.caches[l + 1].slot_of[ahead] < 0],
+                                            self.store.ffn_block, self.cfg.d_ffn)
+                    speculative = (l + 1, missing, self.store.read_neurons_async(l + 1, missing), ahead)
                 stats["needed"] += len(needed)
             count = 0
             if upd is not None:
@@ -283,7 +295,7 @@ class FlashRunner:
         t0 = time.perf_counter()
         have = np.zeros(0, np.int64)
         if speculative is not None and speculative[0] == l:
-            _, have, pending = speculative
+            _, have, pending, _ = speculative
             have_rows = pending.result()
             self._count_read(stats, pending.stats)
             stats["ahead_read"] += len(have)
