@@ -18,20 +18,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import log, machine, peak_rss_bytes, prompt_ids, summary, finish  # noqa: E402
+from benchmarks.common import drain, finish, log, machine, peak_rss_bytes, prompt_ids, summary  # noqa: E402
 
 
 def run_flashjax(llm, ids, n_new, runs):
     decode, prefill, tokens = [], [], None
     for r in range(runs + 1):  # run 0 warms up (compiles)
-        gen = llm.generate_ids(ids, max_tokens=n_new, stop_at_eos=False)
-        out = []
-        while True:
-            try:
-                out.append(next(gen))
-            except StopIteration as done:
-                stats = done.value
-                break
+        out, stats = drain(llm.generate_ids(ids, max_tokens=n_new, stop_at_eos=False))
         log(f"  flashjax run {r}: decode {stats['decode_ms_per_token']:.2f} ms/token, "
             f"prefill {stats['prefill_tokens_per_s']:.0f} tok/s{' (warm-up)' if r == 0 else ''}")
         if r:

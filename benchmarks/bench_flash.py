@@ -20,7 +20,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import log, machine, peak_rss_bytes, prompt_ids, finish  # noqa: E402
+from benchmarks.common import drain, finish, log, machine, peak_rss_bytes, prompt_ids  # noqa: E402
 
 CONFIGS = [
     # (row name, sparsity, window, bundled)
@@ -70,14 +70,7 @@ def run_config(path, sparsity, window, budget, ids, args, oracle_params):
     runner = FlashRunner(model, options, EngineConfig(), verbose=True,
                          oracle_params=oracle_params if sparsity == "oracle" else None)
     llm = LLM(model.config, runner.params, None, EngineConfig(), name=path, runner=runner)
-    gen = llm.generate_ids(ids, max_tokens=args.new_tokens, stop_at_eos=False)
-    tokens = []
-    while True:
-        try:
-            tokens.append(next(gen))
-        except StopIteration as done:
-            stats = done.value
-            break
+    tokens, stats = drain(llm.generate_ids(ids, max_tokens=args.new_tokens, stop_at_eos=False))
     runner.close()
     return tokens, stats
 

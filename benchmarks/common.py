@@ -76,6 +76,16 @@ def write_json(report: dict, out: str | None) -> None:
         log(f"wrote {out}")
 
 
+def drain(generator) -> tuple[list[int], dict]:
+    """Runs a flashjax `generate_ids` generator to the end: (token ids, stats)."""
+    tokens = []
+    while True:
+        try:
+            tokens.append(next(generator))
+        except StopIteration as done:
+            return tokens, done.value
+
+
 def finish(report: dict, args) -> int:
     """Writes the report to --out and, with --json, prints it as the last line of stdout."""
     write_json(report, args.out)
