@@ -1,0 +1,134 @@
+"""The comparison benchmark's machinery (benchmarks/bench_compare.py), fast: the page-out helper really
+evicts, and a --quick run of real flashjax and transformers rows on a tiny model writes valid JSON,
+markdown and PNG plots."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import peers  # noqa: E402
+from conftest import build_tiny  # noqa: E402
+
+PAGE = mmap.PAGESIZE
+
+
+def _smaps_rss_kib(path: str) -> list[int]:
+    """Rss (kB) of each of this process's mappings of `path`."""
+    out, current = [], False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+                current = len(head) >= 6 and head[5] == path
+            elif current and line.startswith("Rss:"):
+                out.append(int(head[1]))
+    return out
+
+
+def _fstype(path: str) -> str:
+    best, fstype = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mnt, fs = line.split()[:3]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fstype = mnt, fs
+    return fstype
+
+
+def _resident_pages(mm: mmap.mmap, length: int) -> int:
+    """Pages of a (writable) mapping in memory, by mincore(2)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    buf = ctypes.c_char.from_buffer(mm)
+    try:
+        vec = (ctypes.c_ubyte * ((length + PAGE - 1) // PAGE))()
+        assert libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(length), vec) == 0
+        return sum(v & 1 for v in vec)
+    finally:
+        del buf
+
+
+def test_page_out_evicts_mapped_file(tmp_path):
+    path = str(tmp_path / "weights.bin")
+    size = 256 * PAGE
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+    with open(path, "rb") as f:
+        ro = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)  # llama.cpp, np.memmap(mode="r")
+        cow = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # safetensors' private mapping
+    try:
+        total = sum(ro[i] + cow[i] for i in range(0, size, PAGE))  # touch every page of both
+        assert total >= 0
+        rss = _smaps_rss_kib(path)
+        assert len(rss) == 2 and all(kib * 1024 >= size for kib in rss), rss
+        assert {(s, e) for s, e, _, _ in peers.mapped_ranges([str(tmp_path)])}.__len__() == 2
+        done = peers.page_out([str(tmp_path)])  # a directory: every file under it
+        assert done["mappings"] == 2 and done["files"] == 1
+        assert _smaps_rss_kib(path) == [0, 0]
+        if _fstype(path) not in ("tmpfs", "ramfs", "overlay"):
+            # Out of the page cache too: a new access finds nothing resident.
+            assert _resident_pages(cow, size) == 0
+        assert bytes(ro[:16]) == bytes(cow[:16])  # still readable: it faults back in from the file
+    finally:
+        ro.close()
+        cow.close()
+
+
+def test_process_counters():
+    assert peers.rss_bytes() > 0
+    assert peers.peak_rss() >= peers.rss_bytes() * 0.5
+    before = peers.read_bytes()
+    assert before >= 0
+    assert peers.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": 3}
+
+
+def test_quick_compare_on_tiny_model(tmp_path, capsys):
+    from benchmarks import bench_compare
+
+    model_dir = tmp_path / "tiny"
+    build_tiny("llama_gqa", model_dir)
+    out = tmp_path / "out"
+    # The tiny model is almost all embeddings: the smallest working plan needs nearly all of it.
+    rc = bench_compare.main(["--model", str(model_dir), "--quick", "--budgets", "100%", "--new-tokens", "6",
+                             "--prompt-tokens", "12", "--warmup-tokens", "2", "--systems", "flashjax", "transformers",
+                             "--workdir", str(tmp_path / "work"), "--probe-mib", "4", "--out", str(out), "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("machine", "rows", "disk_probe", "goals", "settings", "greedy_agreement"):
+        assert key in result, key
+    assert result["machine"]["cpu_count"] and result["disk_probe"]["points"]
+    rows = {(r["system"], r["config"]): r for r in result["rows"]}
+    flash = [r for r in result["rows"] if r["system"] == "flashjax"]
+    assert [r["config"] for r in flash][:2] == ["dense", "naive"] and len(flash) == 3, [r.get("error") for r in flash]
+    for r in result["rows"]:
+        assert not r.get("error"), r
+        for key in ("system", "config", "memory_budget", "decode_ms_per_token", "prefill_tokens_per_s",
+                    "disk_bytes_per_token", "peak_rss_bytes"):
+            assert key in r, (key, r)
+        assert r["decode_ms_per_token"] > 0 and r["prefill_tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
+        assert len(r["tokens"]) == 6
+    for r in flash[1:]:
+        assert r["memory_budget"] == 1.0 and r["cold_page_cache"]
+        assert r["disk_bytes_per_token"] > 0 and r["io_ms"] is not None and r["compute_ms"] is not None
+    assert rows[("flashjax", "dense")]["memory_budget"] is None
+    hf = next(r for r in result["rows"] if r["system"] == "transformers")
+    assert hf["agreement"]["first_difference"] is None  # same weights, same greedy tokens
+    # The report: markdown with the results table, and real PNG files.
+    md = (out / "results.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| system |"))
+    table = md[md.index(header):].split("\n\n")[0].splitlines()
+    assert len(table) == 2 + len(result["rows"])
+    assert all(line.count("|") == header.count("|") for line in table)
+    for name in ("latency_vs_memory.png", "latency_breakdown.png", "disk_probe.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+    assert json.loads((out / "results.json").read_text())["rows"]
