@@ -410,7 +410,8 @@ def main(argv=None) -> int:
         "flashjax dense runs on the original model's weights (the same ones transformers loads); the flash rows "
         "run on its float16 conversion, so their greedy tokens may differ from dense slightly even before sparsity.",
         "flashjax decode ms/token is the engine's own per-token time (page-cache eviction and, for oracle, its full "
-        "measuring computation excluded); peers are timed around each forward step with eviction outside the timing.",
+        "measuring computation excluded); transformers and accelerate run model.generate, timed per step by a "
+        "LogitsProcessor that also evicts between steps, outside the timing; llama.cpp is timed around each eval.",
         "disk MB/token: flashjax from its read statistics (proc_read_bytes_per_token holds the kernel's count); "
         "the others from /proc/self/io read_bytes.",
         "peak RSS: the process's high-water mark while generating, reset after loading and warm-up "
