@@ -194,7 +194,35 @@ def build_specs(args, source: str, flash_dir: str, ids: list[int], info: dict, w
     return specs
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (all processes), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return 0.0
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def _own_cpu_s() -> float:
+    import resource
+
+    return sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
 def run_row(spec: dict, timeout: float, in_process: bool) -> dict:
+    """Runs the row, and records how busy the machine was with other work meanwhile (a shared
+    machine skews every figure: `other_cpu_share` is the other processes' share of all CPUs)."""
+    busy0, own0, t0 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+    row = _run_row(spec, timeout, in_process)
+    wall = time.perf_counter() - t0
+    other = max(0.0, (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0))
+    row["other_cpu_share"] = other / (wall * (os.cpu_count() or 1)) if wall > 0 else None
+    return row
+
+
+def _run_row(spec: dict, timeout: float, in_process: bool) -> dict:
     """Runs one spec in its own process (peers.py); the row is the last line of its stdout."""
     if spec.get("skip"):
         return {"system": spec["system"], "config": spec.get("config"), "memory_budget": None, "skipped": spec["skip"]}
@@ -393,7 +421,8 @@ def main(argv=None) -> int:
         else:
             log(f"  {row['decode_ms_per_token']:.1f} ms/token, prefill {row['prefill_tokens_per_s']:.0f} tok/s, "
                 f"{(row.get('disk_bytes_per_token') or 0) / 1e6:.2f} MB/token, peak RSS "
-                f"{row['peak_rss_bytes'] / 1e6:.0f} MB ({row.get('row_wall_s', 0):.0f} s)")
+                f"{row['peak_rss_bytes'] / 1e6:.0f} MB ({row.get('row_wall_s', 0):.0f} s; other work on the machine: "
+                f"{100 * (row.get('other_cpu_share') or 0):.0f}% of its CPUs)")
         rows.append(row)
 
     extra = analyse(rows, info, probe)
@@ -417,6 +446,8 @@ def main(argv=None) -> int:
         "peak RSS: the process's high-water mark while generating, reset after loading and warm-up "
         "(load_peak_rss_bytes holds the loading peak).",
         f"naive caches nothing, so it runs once, at the smallest budget ({min(parse_fraction(b) for b in args.budgets):.0%}).",
+        "CPU used by other work: the share of the machine's CPUs that other processes used while the row ran "
+        "(/proc/stat); a row measured beside other work is slower than the machine can do.",
     ]
     if any(r.get("sparsity") == "oracle" for r in rows if r["system"] == "flashjax"):
         notes.append("oracle rows hold a full copy of the model outside the budget to find the active neurons: "

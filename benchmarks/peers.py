@@ -344,9 +344,9 @@ def run_accelerate(spec: dict) -> dict:
     on_disk = sorted(k for k, v in placement.items() if v == "disk")
     if not on_disk:
         raise RuntimeError(f"accelerate placed nothing on disk under {budget} bytes: {placement}")
-    # Where offloaded weights can be read from: the offload folder, and (safetensors checkpoints,
-    # which accelerate may read in place) the checkpoint's own files.
-    evict_paths = [folder] + ([spec["model"]] if spec["model"].endswith(".gguf") else
+    # Where offloaded weights are read from: the offload folder (a GGUF is dequantized into it at
+    # load), or, for safetensors checkpoints, which accelerate reads in place, the checkpoint's files.
+    evict_paths = [folder] + ([] if spec["model"].endswith(".gguf") else
                               [os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".safetensors")])
     evict = (lambda: page_out(evict_paths)) if spec.get("cold") else None
     measure = Measure(spec)

@@ -39,13 +39,14 @@ def _status(r: dict) -> str | None:
 
 def results_table(result: dict) -> str:
     lines = ["| system | configuration | budget | decode ms/token (median, min-max) | prefill tok/s | disk MB/token "
-             "| peak RSS MB | weights in memory MB (share of model) | I/O / mem. mgmt / compute ms | greedy tokens vs flashjax dense |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MB | weights in memory MB (share of model) | I/O / mem. mgmt / compute ms | greedy tokens vs flashjax dense "
+             "| CPU used by other work |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         budget = "-" if r.get("memory_budget") is None else f"{r['memory_budget']:.0%}"
         status = _status(r)
         if status:
-            lines.append(f"| {r['system']} | {r.get('config') or ''} | {budget} | {status} |||||||")
+            lines.append(f"| {r['system']} | {r.get('config') or ''} | {budget} | {status} ||||||||")
             continue
         spread = r.get("decode_ms_spread") or {}
         dec = _f(r.get("decode_ms_per_token"))
@@ -64,7 +65,7 @@ def results_table(result: dict) -> str:
         lines.append(f"| {r['system']} | {r.get('config') or ''} | {budget} | {dec} | {_f(r.get('prefill_tokens_per_s'), '{:.0f}')} "
                      f"| {_f(None if r.get('disk_bytes_per_token') is None else r['disk_bytes_per_token'] / MB, '{:.2f}')} "
                      f"| {_f(None if r.get('peak_rss_bytes') is None else r['peak_rss_bytes'] / MB, '{:.0f}')} "
-                     f"| {weights} | {split} | {agree_s} |")
+                     f"| {weights} | {split} | {agree_s} | {_f(r.get('other_cpu_share'), '{:.0%}')} |")
     return "\n".join(lines)
 
 
