@@ -354,6 +354,8 @@ def run_accelerate(spec: dict) -> dict:
     folder_bytes = sum(os.path.getsize(f) for f in _files(folder))
     resident = _param_bytes(model, on_meta=False)
     total = resident + _param_bytes(model, on_meta=True)
+    del model
+    shutil.rmtree(folder, ignore_errors=True)  # rewritten by every run: no need to keep it on disk
     return measure.row(weights_bytes=resident, weights_total_bytes=total, offload_folder_bytes=folder_bytes,
                        modules_on_disk=len(on_disk), modules_total=len(placement), max_memory_bytes=budget,
                        device_map_summary={d: sum(1 for v in placement.values() if v == d)
