@@ -7,20 +7,35 @@ every token (cold reads) unless --warm. "Bundling off" runs on a copy of the
 model converted with separate gate/up/down arrays; all other rows that precede
 "+bundling" in the paper's order also run unbundled, as in the paper.
 
+Each row is also held to a throughput bound, measured once before the rows:
+host->device bandwidth (jax.device_put of 256 MiB of float16, best of 3; a copy
+on the CPU) and cold disk reads at the store's block size (disk_probe.py), and
+
+    bound_ms_per_token = disk bytes per token / disk B/s + bytes moved to the device per token / h2d B/s
+
+where disk bytes are the bytes read from the model's files (none with --warm:
+the page cache, host RAM, serves them; with a host-RAM tier, only its misses)
+and bytes moved to the device are the neuron records handed to the device
+(from the disk or the host tier). ratio_to_bound = decode ms per token / bound.
+
     python benchmarks/bench_flash.py --model smollm2 --budgets 50% 65% [--json] [--out FILE]
     python benchmarks/bench_flash.py --synthetic opt-1.3b --budgets 50% --new-tokens 32
+    python benchmarks/bench_flash.py --synthetic opt-6.7b --budgets 50% --warm --host-cache 100% [--devices N]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import drain, finish, log, machine, peak_rss_bytes, prompt_ids  # noqa: E402
+from benchmarks.disk_probe import probe, throughput_for  # noqa: E402
 
 CONFIGS = [
     # (row name, sparsity, window, bundled)
@@ -57,22 +72,63 @@ def prepare(args, workdir):
     return bundled, unbundled, prompt_ids(open_flash_model(bundled, verify=False).tokenizer(), args.prompt_tokens)
 
 
+def measure_throughput(args, model_dir) -> dict:
+    """Host->device and cold disk read throughput (B/s): what bounds a token's reads and transfers."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from flashjax.store import open_flash_model
+
+    devices = jax.devices()[:args.devices or 1]
+    target = (devices[0] if len(devices) == 1 else
+              NamedSharding(Mesh(np.array(devices), ("d",)), PartitionSpec("d")))  # each device its share
+    host = np.ones((128 << 20) // len(devices) * len(devices), np.float16)  # 256 MiB
+    copy = {"may_alias": False} if "may_alias" in inspect.signature(jax.device_put).parameters else {}  # CPU: a copy
+    seconds = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.device_put(host, target, **copy).block_until_ready()
+        seconds.append(time.perf_counter() - t0)
+    h2d = host.nbytes / min(seconds)
+    manifest = open_flash_model(model_dir, verify=False).manifest
+    block = manifest.layout.ffn_block * manifest.layout.record_width * manifest.np_dtype.itemsize
+    chunk = max(4096, round(block / 4096) * 4096)
+    # On the disk the model lives on, beside it (not inside: its file list is checked).
+    disk = probe(os.path.dirname(os.path.abspath(model_dir)), args.probe_mib, chunks=[chunk], threads=[1, 8, 32])
+    disk_bps = throughput_for(disk, chunk)[1] * 1e6
+    log(f"throughput: host->device {h2d / 1e9:.2f} GB/s ({len(devices)} device(s)), cold disk reads of "
+        f"{chunk >> 10} KiB {disk_bps / 1e9:.2f} GB/s")
+    return {"h2d_bytes_per_s": h2d, "h2d_devices": len(devices), "disk_bytes_per_s": disk_bps,
+            "disk_chunk_bytes": chunk, "store_block_bytes": block,
+            "disk_reads_reached_device": disk["reads_reached_device"]}
+
+
+def bound_ms(s, throughput, warm) -> tuple[float, float]:
+    """(bytes moved to the device per token, the throughput bound in ms per token) for a row's stats."""
+    disk = 0 if warm else s.get("disk_bytes_per_token", s["bytes_read_per_token"])
+    # Every record read, from the disk (neurons_read) or host RAM (host_hits), goes to the device.
+    to_device = (s["neurons_read_per_token"] + s.get("host_hits_per_token", 0)) * s["record_nbytes"]
+    return to_device, 1e3 * (disk / throughput["disk_bytes_per_s"] + to_device / throughput["h2d_bytes_per_s"])
+
+
 def run_config(path, sparsity, window, budget, ids, args, oracle_params):
-    import flashjax
     from flashjax.api import LLM
     from flashjax.config import EngineConfig
     from flashjax.flash.runner import FlashOptions, FlashRunner
     from flashjax.store import open_flash_model
 
+    extra = {k: v for k, v in (("devices", args.devices), ("host_cache", args.host_cache)) if v is not None}
     options = FlashOptions(sparsity=sparsity, memory_budget=budget, window=window,
-                           evict_page_cache=not args.warm, verify=False)
+                           evict_page_cache=not args.warm, verify=False, **extra)
     model = open_flash_model(path, verify=False)
     runner = FlashRunner(model, options, EngineConfig(), verbose=True,
                          oracle_params=oracle_params if sparsity == "oracle" else None)
     llm = LLM(model.config, runner.params, None, EngineConfig(), name=path, runner=runner)
     tokens, stats = drain(llm.generate_ids(ids, max_tokens=args.new_tokens, stop_at_eos=False))
     runner.close()
-    return tokens, stats
+    cfg = model.config
+    return tokens, dict(stats, record_nbytes=stats["ffn_bytes"] / (cfg.n_layers * cfg.d_ffn))
 
 
 def main(argv=None) -> int:
@@ -86,6 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="where converted models are kept (reused if present)")
     p.add_argument("--warm", action="store_true", help="keep the page cache (default: evict before every token)")
     p.add_argument("--configs", nargs="*", default=None, help="subset of row names")
+    p.add_argument("--devices", type=int, default=None, help="split each layer's neurons across N local devices")
+    p.add_argument("--host-cache", default=None, help="host-RAM tier of neuron blocks: 4GB, 100%% of the FFN, ...")
+    p.add_argument("--probe-mib", type=int, default=1024, help="size of the disk probe's file (in --workdir)")
     p.add_argument("--out", default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -97,6 +156,7 @@ def main(argv=None) -> int:
 
     log("loading the oracle's full copy of the model (a measuring device, outside budget and timings)")
     oracle_params = load_params(open_flash_source(bundled, verify=False), progress=False)
+    throughput = measure_throughput(args, bundled)
     rows = []
     reference_tokens = None
     for budget in args.budgets:
@@ -120,21 +180,31 @@ def main(argv=None) -> int:
                    "weights_bytes": s["weights_bytes"], "memory_budget_bytes": s["memory_budget_bytes"],
                    "prefill_tokens_per_s": s["prefill_tokens_per_s"], "peak_rss_bytes": peak_rss_bytes(),
                    "tokens_match_first_row": tokens == reference_tokens}
+            row.update({k: v for k, v in s.items() if k.startswith("host_")})  # the host-RAM tier's stats
+            row["device_bytes_per_token"], row["bound_ms_per_token"] = bound_ms(s, throughput, args.warm)
+            bound = row["bound_ms_per_token"]
+            row["ratio_to_bound"] = row["decode_ms_per_token"] / bound if bound else None  # None: nothing moved
+            ratio = "-" if not bound else f"{row['ratio_to_bound']:.1f}"
             log(f"  {row['decode_ms_per_token']:.1f} ms/token (io {row['io_ms']:.1f}, mm {row['mm_ms']:.1f}, "
                 f"compute {row['compute_ms']:.1f}); {row['disk_bytes_per_token'] / 1e6:.2f} MB/token "
-                f"({100 * row['ffn_share_read']:.1f}% of FFN)")
+                f"({100 * row['ffn_share_read']:.1f}% of FFN); {ratio}x the bound "
+                f"{row['bound_ms_per_token']:.1f} ms")
             rows.append(row)
 
-    print("| budget | configuration | I/O ms | mem. mgmt ms | compute ms | total ms/token | MB read/token | % of FFN | hit rate | weights MB / budget MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| budget | configuration | I/O ms | mem. mgmt ms | compute ms | total ms/token | MB read/token | % of FFN | hit rate | weights MB / budget MB | bound ms/token | x bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['memory_budget']} | {r['config']} | skipped: {r['error'][:60]} |||||||")
+            print(f"| {r['memory_budget']} | {r['config']} | skipped: {r['error'][:60]} |||||||||")
             continue
         hit = "-" if r["cache_hit_rate"] is None else f"{r['cache_hit_rate']:.2f}"
+        ratio = "-" if r["ratio_to_bound"] is None else f"{r['ratio_to_bound']:.1f}"
         print(f"| {r['memory_budget']} | {r['config']} | {r['io_ms']:.1f} | {r['mm_ms']:.1f} | {r['compute_ms']:.1f} "
               f"| {r['decode_ms_per_token']:.1f} | {r['disk_bytes_per_token'] / 1e6:.2f} | {100 * r['ffn_share_read']:.2f} "
-              f"| {hit} | {r['weights_bytes'] / 1e6:.0f} / {r['memory_budget_bytes'] / 1e6:.0f} |")
+              f"| {hit} | {r['weights_bytes'] / 1e6:.0f} / {r['memory_budget_bytes'] / 1e6:.0f} "
+              f"| {r['bound_ms_per_token']:.2f} | {ratio} |")
+    print(f"bound: disk {throughput['disk_bytes_per_s'] / 1e9:.2f} GB/s ({'not used: --warm' if args.warm else 'cold'}), "
+          f"host->device {throughput['h2d_bytes_per_s'] / 1e9:.2f} GB/s")
     by_budget = {}
     for r in rows:
         if "error" not in r:
@@ -143,8 +213,13 @@ def main(argv=None) -> int:
                 if "naive" in v and "oracle + windowing + bundling" in v}
     for b, x in speedups.items():
         print(f"[{b}] oracle + windowing + bundling is {x:.1f}x faster per token than naive")
-    report = {"benchmark": "flash-breakdown", "machine": machine(), "model": args.synthetic or args.model,
+    import jax
+
+    info = dict(machine(), jax_backend=jax.default_backend(),
+                devices=[{"id": d.id, "kind": d.device_kind, "platform": d.platform} for d in jax.devices()])
+    report = {"benchmark": "flash-breakdown", "machine": info, "model": args.synthetic or args.model,
               "synthetic": bool(args.synthetic), "cold_page_cache": not args.warm,
+              "devices": args.devices, "host_cache": args.host_cache, "throughput": throughput,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows,
               "speedup_vs_naive": speedups}
     return finish(report, args)

@@ -62,15 +62,20 @@ class LLM:
         `memory_budget`: bytes, "300MB", "2GiB" or "50%" of what the dense engine holds.
         Other keywords go to `flashjax.flash.runner.FlashOptions` (window, prefetch_depth,
         scratch_rows, concurrency, threshold, evict_page_cache, verify, selection,
-        predictor_threshold, top_k, over_select, lookahead).
+        predictor_threshold, top_k, over_select, lookahead, devices, host_cache, staging).
+        `devices=N` splits each layer's FFN neurons across N devices (a converted model; without a
+        budget or sparsity, every neuron stays cached: the dense model spread over the devices).
         """
         from flashjax.flash.selection import SPARSITY_MODES
         from flashjax.store import is_flash_dir
 
         engine_config = EngineConfig(compute_dtype=compute_dtype, max_context=max_context)
+        several_devices = flash_options.get("devices", 1) > 1
         if sparsity is None:
             sparsity = "dense"
-            if memory_budget is not None:
+            if several_devices and memory_budget is None and is_flash_dir(str(model)):
+                sparsity = "hybrid"  # unlimited: every neuron cached, split across the devices
+            elif memory_budget is not None:
                 from flashjax.sparsity import has_predictors
                 # Once calibrated, the predictors are the default way to pick neurons under a budget.
                 sparsity = "predictor" if is_flash_dir(str(model)) and has_predictors(str(model)) else "oracle"
@@ -88,6 +93,9 @@ class LLM:
             runner = FlashRunner(flash_model, options, engine_config, verbose=verbose)
             return cls(flash_model.config, runner.params, _tokenizer_or_none(flash_model.tokenizer), engine_config,
                        name=str(model), runner=runner)
+        if several_devices:
+            raise ValueError(f"devices={flash_options['devices']} splits the FFN neurons of a converted model across "
+                             f"devices, and {model} is not one: run `flashjax convert {model} OUT` first")
         source = open_model_source(model)
         if memory_budget is not None:
             from flashjax.flash.budget import dense_weight_bytes, parse_budget

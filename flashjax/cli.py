@@ -39,6 +39,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=32, help="file reads in flight")
     p.add_argument("--evict-page-cache", action="store_true",
                    help="drop the model's files from the page cache before each token (cold reads)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="split each layer's FFN neurons across this many devices (the budget is then per device)")
+    p.add_argument("--host-cache", default=None,
+                   help="a host-RAM tier of neurons between the device caches and the disk: bytes like 4GB, "
+                        "or a share of the on-disk FFN like 100%%")
+    p.add_argument("--staging", default="auto", choices=["auto", "pinned", "direct"],
+                   help="host memory read rows land in before the device copy (auto: pinned on accelerators)")
     p.add_argument("--verbose", action="store_true", help="print the memory plan")
 
 
@@ -60,11 +67,12 @@ def _load(args):
     from flashjax.api import LLM
 
     flash = {}
-    if args.sparsity not in (None, "dense") or args.memory_budget is not None:
+    if args.sparsity not in (None, "dense") or args.memory_budget is not None or args.devices > 1:
         flash = dict(window=args.window, prefetch_depth=args.prefetch_depth, concurrency=args.concurrency,
                      evict_page_cache=args.evict_page_cache, selection=args.selection,
                      predictor_threshold=args.predictor_threshold, top_k=args.top_k_neurons,
-                     over_select=args.over_select, lookahead=not args.no_lookahead)
+                     over_select=args.over_select, lookahead=not args.no_lookahead, devices=args.devices,
+                     host_cache=args.host_cache, staging=args.staging)
     return LLM.load(args.model, compute_dtype=args.dtype, max_context=args.max_context, sparsity=args.sparsity,
                     memory_budget=args.memory_budget, verbose=args.verbose, **flash)
 

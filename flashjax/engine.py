@@ -134,6 +134,16 @@ class GenerationResult:
         return dataclasses.asdict(self)
 
 
+def drain(generator) -> tuple[list[int], dict]:
+    """Runs a `generate_tokens` (or `LLM.generate_ids`) generator to the end: (token ids, stats)."""
+    tokens = []
+    while True:
+        try:
+            tokens.append(next(generator))
+        except StopIteration as done:
+            return tokens, done.value
+
+
 def generate_tokens(runner, cfg: ModelConfig, engine_cfg: EngineConfig, prompt: Sequence[int],
                     max_tokens: int, sampling: SamplingParams, eos_ids: Sequence[int] = ()) -> Iterator[int]:
     """Yields generated token ids; returns the stats dict (StopIteration.value) when done."""

@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 import pathlib
 
-import numpy as np
-import pytest
+# Four CPU devices, so the multi-device engine (--devices N) is tested without an accelerator. Set
+# before anything imports JAX; single-device code keeps using the first.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Tiny configs per architecture, saved with transformers' save_pretrained.
 TINY = {
@@ -85,3 +90,24 @@ def reference_default(default_gguf):
 
 def random_ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, vocab, size=n).astype(np.int32)
+
+
+def calibrated_copy(path, tmp_path_factory, **options):
+    """A copy of the flash model at `path` with predictors calibrated on random tokens (tiny models)."""
+    import shutil
+
+    from flashjax.sparsity import calibrate
+
+    out = str(tmp_path_factory.mktemp("calibrated") / "model")
+    shutil.copytree(path, out)
+    ids = [random_ids(32, 128, seed=s).tolist() for s in range(8)]
+    calibrate(out, token_ids=ids, tokens=256, seq_len=32, epochs=2, progress=False, **options)
+    return out
+
+
+def drain_tokens(llm, prompt, n: int = 12, sampling=None):
+    """`n` tokens of `llm` after `prompt` (ids), never stopping at EOS: (token ids, stats)."""
+    from flashjax.engine import drain
+    from flashjax.sampling import SamplingParams
+
+    return drain(llm.generate_ids(prompt, max_tokens=n, sampling=sampling or SamplingParams(), stop_at_eos=False))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import build_tiny, random_ids
+from conftest import build_tiny, calibrated_copy, drain_tokens, random_ids
 
 import flashjax
 from flashjax.flash.budget import BudgetTooSmallError, parse_budget
@@ -19,16 +19,6 @@ def tiny_flash(request, tmp_path_factory):
     return request.param, str(root / "flash")
 
 
-def _tokens(llm, prompt, n=12, sampling=SamplingParams()):
-    gen = llm.generate_ids(prompt, max_tokens=n, sampling=sampling, stop_at_eos=False)
-    out = []
-    while True:
-        try:
-            out.append(next(gen))
-        except StopIteration as done:
-            return out, done.value
-
-
 # Budgets as (share of the full neuron caches on top of the minimum); None: unlimited.
 @pytest.mark.parametrize("sparsity,cache_share", [("naive", None), ("hybrid", 0.5), ("oracle", None),
                                                   ("oracle", 0.3), ("oracle", 0.0)])
@@ -36,13 +26,13 @@ def test_flash_tokens_equal_dense(tiny_flash, sparsity, cache_share):
     name, path = tiny_flash
     dense = flashjax.load(path, progress=False)
     prompt = random_ids(6, dense.config.vocab_size, seed=5)
-    expected, _ = _tokens(dense, prompt)
+    expected, _ = drain_tokens(dense, prompt)
     budget = None
     if cache_share is not None:  # 0.0: the smallest budget that works, no cache at all, everything streams
         cfg = dense.config
         budget = _minimum_budget(path) + int(cache_share * cfg.n_layers * cfg.d_ffn * _row_bytes(path))
     llm = flashjax.load(path, sparsity=sparsity, memory_budget=budget, window=2, scratch_rows=16)
-    ours, stats = _tokens(llm, prompt)
+    ours, stats = drain_tokens(llm, prompt)
     assert ours == expected
     assert stats["weights_bytes"] <= stats["memory_budget_bytes"]
     for key in ("io_ms", "mm_ms", "compute_ms", "bytes_read_per_token", "neurons_read_per_token",
@@ -69,7 +59,7 @@ def test_relu_oracle_reads_only_active_neurons(tiny_flash):
     if name != "opt":
         pytest.skip("ReLU sparsity: OPT only")
     llm = flashjax.load(path, sparsity="oracle", window=1)
-    _, stats = _tokens(llm, random_ids(6, llm.config.vocab_size, seed=6))
+    _, stats = drain_tokens(llm, random_ids(6, llm.config.vocab_size, seed=6))
     # Roughly half of a random ReLU layer's neurons are positive: far fewer than all are read.
     assert 0 < stats["neurons_read_per_token"] < 0.8 * llm.config.n_layers * llm.config.d_ffn
 
@@ -79,8 +69,8 @@ def test_windowing_turns_reads_into_hits(tiny_flash):
     prompt = random_ids(6, 128, seed=7)
     no_window = flashjax.load(path, sparsity="oracle", window=1)
     window = flashjax.load(path, sparsity="oracle", window=8)
-    _, s1 = _tokens(no_window, prompt, n=16)
-    _, s8 = _tokens(window, prompt, n=16)
+    _, s1 = drain_tokens(no_window, prompt, n=16)
+    _, s8 = drain_tokens(window, prompt, n=16)
     assert s8["bytes_read_per_token"] <= s1["bytes_read_per_token"]
     assert s8["cache_hit_rate"] >= s1["cache_hit_rate"]
 
@@ -90,13 +80,13 @@ def test_no_recompile_per_token_in_the_sparse_path(tiny_flash):
     budget = _minimum_budget(path) + 20 * llm_rows(path)
     llm = flashjax.load(path, sparsity="oracle", memory_budget=budget, window=3, scratch_rows=16)
     prompt = random_ids(6, llm.config.vocab_size, seed=8)
-    _tokens(llm, prompt, n=4)
+    drain_tokens(llm, prompt, n=4)
     warm = llm.runner.compile_count()
-    _tokens(llm, random_ids(7, llm.config.vocab_size, seed=9), n=30)
+    drain_tokens(llm, random_ids(7, llm.config.vocab_size, seed=9), n=30)
     assert llm.runner.compile_count() == warm
-    _tokens(llm, prompt, n=3, sampling=SamplingParams(temperature=0.9, top_k=5, seed=3))
+    drain_tokens(llm, prompt, n=3, sampling=SamplingParams(temperature=0.9, top_k=5, seed=3))
     warm_sampling = llm.runner.compile_count()  # the head's sampling variants, once
-    _tokens(llm, prompt, n=30, sampling=SamplingParams(temperature=1.2, top_p=0.8, seed=4))
+    drain_tokens(llm, prompt, n=30, sampling=SamplingParams(temperature=1.2, top_p=0.8, seed=4))
     assert llm.runner.compile_count() == warm_sampling
 
 
@@ -127,24 +117,12 @@ def test_default_model_oracle_equals_dense(default_gguf, tmp_path_factory):
     convert(str(default_gguf), out, progress=False)
     dense = flashjax.load(out, progress=False)
     prompt = dense.tokenizer.encode("The history of the printing press begins")
-    expected, _ = _tokens(dense, prompt, n=24)
+    expected, _ = drain_tokens(dense, prompt, n=24)
     for sparsity, budget in (("oracle", "50%"), ("naive", None)):
         llm = flashjax.load(out, sparsity=sparsity, memory_budget=budget, verbose=True)
-        ours, stats = _tokens(llm, prompt, n=24)
+        ours, stats = drain_tokens(llm, prompt, n=24)
         assert ours == expected, sparsity
         assert stats["weights_bytes"] <= stats["memory_budget_bytes"]
-
-
-def _calibrated(path, tmp_path_factory, **options):
-    import shutil
-
-    from flashjax.sparsity import calibrate
-
-    out = str(tmp_path_factory.mktemp("calibrated") / "model")
-    shutil.copytree(path, out)
-    ids = [random_ids(32, 128, seed=s).tolist() for s in range(8)]
-    calibrate(out, token_ids=ids, tokens=256, seq_len=32, epochs=2, progress=False, **options)
-    return out
 
 
 def test_predictor_mode_needs_calibration(tiny_flash):
@@ -157,20 +135,20 @@ def test_predictor_mode_needs_calibration(tiny_flash):
 
 def test_predictor_selecting_everything_equals_dense(tiny_flash, tmp_path_factory):
     name, path = tiny_flash
-    calibrated = _calibrated(path, tmp_path_factory)
+    calibrated = calibrated_copy(path, tmp_path_factory)
     dense = flashjax.load(calibrated, progress=False)
     prompt = random_ids(6, dense.config.vocab_size, seed=11)
-    expected, _ = _tokens(dense, prompt)
+    expected, _ = drain_tokens(dense, prompt)
     # A threshold below every sigmoid score selects every neuron: the sparse FFN is the dense one.
     llm = flashjax.load(calibrated, sparsity="predictor", predictor_threshold=-1.0, window=2)
-    ours, stats = _tokens(llm, prompt)
+    ours, stats = drain_tokens(llm, prompt)
     assert ours == expected
     assert stats["needed_neurons_per_token"] == dense.config.n_layers * dense.config.d_ffn
     assert stats["lookahead_coverage"] is not None
     # A high threshold selects fewer neurons than that, and a budget defaults to the predictors.
     default = flashjax.load(calibrated, memory_budget="1GB", predictor_threshold=0.9)
     assert default.runner.options.sparsity == "predictor"
-    _, s = _tokens(default, prompt)
+    _, s = drain_tokens(default, prompt)
     assert s["needed_neurons_per_token"] < dense.config.n_layers * dense.config.d_ffn
 
 
@@ -178,10 +156,10 @@ def test_gate_path_with_nothing_dropped_equals_dense(tiny_flash, tmp_path_factor
     name, path = tiny_flash
     if name == "opt":
         pytest.skip("the gate path is for SwiGLU models")
-    calibrated = _calibrated(path, tmp_path_factory, kind="gate", target_sparsity=0.0)
+    calibrated = calibrated_copy(path, tmp_path_factory, kind="gate", target_sparsity=0.0)
     dense = flashjax.load(calibrated, progress=False)
     prompt = random_ids(6, dense.config.vocab_size, seed=12)
-    expected, _ = _tokens(dense, prompt)
+    expected, _ = drain_tokens(dense, prompt)
     llm = flashjax.load(calibrated, sparsity="gate")
-    ours, stats = _tokens(llm, prompt)
+    ours, stats = drain_tokens(llm, prompt)
     assert ours == expected

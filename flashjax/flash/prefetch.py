@@ -29,14 +29,15 @@ class Prefetcher:
         self._requests.put((layer, ids))
 
     def get(self):
-        """(layer, records [len(ids), R], read stats, seconds the caller waited) of the oldest request."""
+        """(layer, records [len(ids), R], the finished read (its `.stats`), seconds the caller waited) of
+        the oldest request."""
         t0 = time.perf_counter()
         item = self._results.get()
         waited = time.perf_counter() - t0
         if isinstance(item, BaseException):
             raise item
-        layer, rows, stats = item
-        return layer, rows, stats, waited
+        layer, rows, read = item
+        return layer, rows, read, waited
 
     def close(self) -> None:
         self._requests.put(None)
@@ -65,6 +66,6 @@ class Prefetcher:
             if inflight:
                 layer, pending = inflight.popleft()
                 try:
-                    self._results.put((layer, pending.result(), pending.stats))
+                    self._results.put((layer, pending.result(), pending))
                 except BaseException as e:
                     self._results.put(e)

@@ -27,6 +27,7 @@ from flashjax.flash import kernels
 from flashjax.flash.budget import dense_weight_bytes, parse_budget, plan_memory
 from flashjax.flash.prefetch import Prefetcher
 from flashjax.flash.selection import NaiveSelector, OracleSelector
+from flashjax.flash.shards import NeuronPartition, ShardPlacer, make_mesh
 from flashjax.model.params import tree_nbytes
 from flashjax.model.transformer import init_kv_cache
 from flashjax.sampling import SamplingParams
@@ -52,6 +53,14 @@ class FlashOptions:
     top_k: int | None = None
     over_select: float = 1.0
     lookahead: bool = True  # predictor: start reading layer l+1 from layer l's input
+    # Devices whose memory holds the neuron caches: each layer's neurons split across them
+    # (flash/shards.py); the memory budget is then what each device may hold.
+    devices: int = 1
+    # A host-RAM tier of neuron blocks between the device caches and the disk (bytes, "4GB", or a
+    # share of the on-disk FFN like "100%"); None: none. For accelerators, where host RAM is the
+    # bigger, slower memory (store/host_tier.py).
+    host_cache: str | int | None = None
+    staging: str = "auto"  # "pinned" | "direct": host memory the rows land in before the device copy
 
     def __post_init__(self):
         if self.window < 1:
@@ -60,6 +69,8 @@ class FlashOptions:
             raise ValueError(f"scratch_rows must be at least 16, got {self.scratch_rows}")
         if self.prefetch_depth < 1 or self.concurrency < 1:
             raise ValueError("prefetch_depth and concurrency must be at least 1")
+        if self.devices < 1:
+            raise ValueError(f"devices must be at least 1, got {self.devices}")
 
 
 def _bucket(n: int) -> int:
@@ -84,37 +95,42 @@ def _whole_blocks(ids: np.ndarray, block: int, n: int) -> np.ndarray:
     return full[full < n]
 
 
-def _pad(values: np.ndarray, size: int, fill: int) -> np.ndarray:
-    out = np.full(size, fill, np.int32)
-    out[:len(values)] = values
-    return out
-
-
 class FlashRunner:
     def __init__(self, flash_model, options: FlashOptions, engine_cfg: EngineConfig, verbose: bool = False,
                  oracle_params=None):
         cfg = flash_model.config
         self.cfg, self.options, self.engine_cfg = cfg, options, engine_cfg
         self.compute_dtype = jnp.dtype(engine_cfg.compute_dtype)
-        self.params = flash_model.load_resident(self.compute_dtype)
+        self.mesh = make_mesh(options.devices)
+        self.placer = ShardPlacer(self.mesh, options.staging)
+        self.params = self.placer.replicate(flash_model.load_resident(self.compute_dtype))
         self.store = flash_model.ffn_store(concurrency=options.concurrency)
+        if options.host_cache is not None:
+            from flashjax.store.host_tier import wrap_host_tier
+            self.store = wrap_host_tier(self.store, options.host_cache)
         layout = self.store.layout
         self.part_slices = tuple((name, (layout.part_slice(name).start, layout.part_slice(name).stop))
                                  for name in layout.names)
+        self.partition = NeuronPartition.make(cfg.d_ffn, self.store.ffn_block, options.devices)
         self.dense_bytes = dense_weight_bytes(cfg, self.compute_dtype)
         self.selector = self._make_selector(flash_model, options, oracle_params)
         budget = None if options.memory_budget is None else parse_budget(options.memory_budget, self.dense_bytes)
-        # Predictors and a resident gate projection are held in memory too: they count.
+        # Predictors and a resident gate projection are held in memory too: they count. With several
+        # devices the plan is per device: each holds the (replicated) resident part and its share of
+        # the caches.
         resident = tree_nbytes(self.params) + getattr(self.selector, "nbytes", 0)
         self.plan = plan_memory(cfg, budget, resident, layout.record_width,
                                 self.store.dtype.itemsize, self.compute_dtype.itemsize, options.scratch_rows,
                                 options.prefetch_depth,
-                                max_cache_rows=0 if options.sparsity == "naive" else None)
+                                max_cache_rows=0 if options.sparsity == "naive" else self.partition.max_size)
         if verbose:
-            print(f"flashjax: {self.plan.describe()}", file=sys.stderr)
+            per_device = f" per device, {options.devices} devices" if options.devices > 1 else ""
+            print(f"flashjax: {self.plan.describe()}{per_device}", file=sys.stderr)
         rows = self.plan.cache_rows_per_layer
-        self.caches = [LayerNeuronCache(rows, cfg.d_ffn, options.window) for _ in range(cfg.n_layers)]
-        self.buffers = [{name: jnp.zeros((rows, stop - start), self.compute_dtype)
+        # caches[l][s]: layer l's cache on device s, over that device's own (local) neuron ids.
+        self.caches = [[LayerNeuronCache(rows, self.partition.size(s), options.window)
+                        for s in range(options.devices)] for _ in range(cfg.n_layers)]
+        self.buffers = [{name: self.placer.zeros((options.devices * rows, stop - start), self.compute_dtype)
                          for name, (start, stop) in self.part_slices} for _ in range(cfg.n_layers)]
         self.prefetcher = Prefetcher(self.store, options.prefetch_depth)
         self.kv = None
@@ -155,10 +171,11 @@ class FlashRunner:
 
     def start(self, capacity: int) -> None:
         if self.kv is None or self.kv[0][0].shape[2] != capacity:
-            self.kv = init_kv_cache(self.cfg, 1, capacity, self.compute_dtype)
+            self.kv = self.placer.replicate(init_kv_cache(self.cfg, 1, capacity, self.compute_dtype))
         self.selector.start(capacity)
-        for cache in self.caches:
-            cache.reset()
+        for layer in self.caches:
+            for cache in layer:
+                cache.reset()
         self.token_stats = []
 
     def warm_up(self, s: SamplingParams, key) -> None:
@@ -167,19 +184,23 @@ class FlashRunner:
         if self._warm:
             return
         cfg, cap, width = self.cfg, self.plan.cache_rows_per_layer, self.store.record_width
+        n_dev = self.options.devices
         buckets = sorted({min(cap, _bucket(n)) for n in [1 << k for k in range(0, max(cap, 1).bit_length() + 1)]}
                          - {0}) if cap else []
         for size in sorted({_bucket(n) for n in buckets}):
-            drop = _pad(np.zeros(0), size, cap)  # every destination out of range: no change
-            self.buffers[0] = kernels.update_cache(self.part_slices, self.buffers[0], np.zeros(size, np.int32),
-                                                   drop, drop, np.zeros((size, width), self.store.dtype))
-        x = jnp.zeros((1, 1, cfg.d_model), self.compute_dtype)
+            drop = np.full((n_dev, size), cap, np.int32)  # every destination out of range: no change
+            self.buffers[0] = kernels.update_cache(self.mesh, self.part_slices, self.buffers[0], *self.placer.shards(
+                np.zeros((n_dev, size), np.int32), drop, drop, np.zeros((n_dev, size, width), self.store.dtype)))
+        x = self.placer.replicate(jnp.zeros((1, 1, cfg.d_model), self.compute_dtype))
         b_down = self.params["layers"][0]["ffn"].get("b_down")
+        no_rows, = self.placer.shards(np.zeros(n_dev, np.int32))
         for live in [0] + buckets:
-            kernels.cached_ffn(cfg, x, x, self.buffers[0], np.int32(0), b_down, live_rows=live)
+            kernels.cached_ffn(cfg, self.mesh, x, x, self.buffers[0], no_rows, b_down, live_rows=live)
         s_rows = self.plan.scratch_rows
         for chunk in sorted({_scratch_bucket(1 << k, s_rows) for k in range(0, s_rows.bit_length() + 1)}):
-            kernels.scratch_ffn(cfg, self.part_slices, x, x, np.zeros((chunk, width), self.store.dtype), np.int32(0))
+            kernels.scratch_ffn(cfg, self.mesh, self.part_slices, x, x,
+                                *self.placer.shards(np.zeros((n_dev, chunk, width), self.store.dtype),
+                                                    np.zeros(n_dev, np.int32)))
         positions = np.zeros((1, 1), np.int32)
         kernels.embed_tokens(cfg, self.params, np.zeros((1, 1), np.int32), positions)
         kv = jax.tree.map(jnp.copy, self.kv[0])
@@ -199,20 +220,65 @@ class FlashRunner:
         cap = self.plan.cache_rows_per_layer
         return 0 if count == 0 else min(cap, _bucket(count))
 
-    def _ffn(self, l, x, h, rows, count):
-        """FFN of layer l: cached rows [0, count), then `rows` streamed through scratch in chunks.
+    def _step_caches(self, l: int, needed: np.ndarray) -> list:
+        """Each device's cache of layer l takes its share of `needed` (global ids): [CacheUpdate]."""
+        return [cache.step(ids) for cache, ids in zip(self.caches[l], self.partition.split(needed))]
 
-        A chunk is padded to a power-of-four length (at most `scratch_rows`): a step with little
-        surplus does not pay for a full chunk, and few shapes exist to compile.
+    def _read_ids(self, updates: list) -> np.ndarray:
+        """Global ids to read for these updates, ascending: device 0's loads then scratch, device 1's, ...
+        Across hosts, only the devices of this process."""
+        return self.partition.join([u.read_ids if self.placer.is_local(s) else u.read_ids[:0]
+                                    for s, u in enumerate(updates)])
+
+    def _uncached(self, l: int, ids: np.ndarray) -> np.ndarray:
+        """The global `ids` that layer l's caches do not hold."""
+        local = self.partition.split(ids)
+        return self.partition.join([part[cache.slot_of[part] < 0] for cache, part in zip(self.caches[l], local)])
+
+    def _ffn(self, l, x, h, updates, rows, read_ids, stats):
+        """FFN of layer l on every device: apply the cache updates, run the cached rows, then stream
+        what did not fit through scratch chunks.
+
+        `updates`: each device's CacheUpdate, or None (prefill: everything in `rows` is scratch);
+        `rows` holds the records of `read_ids`, devices in order. Per-device arrays are stacked
+        [S, ...] and padded to one shared bucket, so each step is one transfer and one dispatch
+        whatever the devices' counts. A chunk is padded to a power-of-four length (at most
+        `scratch_rows`): a step with little surplus does not pay for a full chunk.
         """
-        x = kernels.cached_ffn(self.cfg, x, h, self.buffers[l], np.int32(count),
-                               self.params["layers"][l]["ffn"].get("b_down"), live_rows=self._live_rows(count))
+        t0 = time.perf_counter()
+        n_dev, cap, width = self.options.devices, self.plan.cache_rows_per_layer, rows.shape[1]
+        per_device = np.searchsorted(read_ids, self.partition.offsets)
+        device_rows = [rows[per_device[s]:per_device[s + 1]] for s in range(n_dev)]
+        counts = np.zeros(n_dev, np.int32)
+        if updates is not None:
+            n_load = [len(u.load_ids) if self.placer.is_local(s) else 0 for s, u in enumerate(updates)]
+            size = max(max(_bucket(len(u.moves_src)), _bucket(len(u.load_ids))) for u in updates)
+            if cap and any(len(u.moves_src) or len(u.load_ids) for u in updates):
+                src = np.zeros((n_dev, size), np.int32)
+                dst, slots = np.full((n_dev, size), cap, np.int32), np.full((n_dev, size), cap, np.int32)
+                loaded = np.zeros((n_dev, size, width), rows.dtype)
+                for s, u in enumerate(updates):
+                    src[s, :len(u.moves_src)], dst[s, :len(u.moves_dst)] = u.moves_src, u.moves_dst
+                    slots[s, :len(u.load_slots)] = u.load_slots
+                    loaded[s, :n_load[s]] = device_rows[s][:n_load[s]]
+                self.buffers[l] = kernels.update_cache(self.mesh, self.part_slices, self.buffers[l],
+                                                       *self.placer.shards(src, dst, slots, loaded))
+            device_rows = [r[n:] for r, n in zip(device_rows, n_load)]  # what did not fit: scratch
+            counts[:] = [u.count for u in updates]
+            for u in updates:
+                stats["evicted"] += u.evicted
+                stats["hits"] += u.hits
+        stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
+        x = kernels.cached_ffn(self.cfg, self.mesh, x, h, self.buffers[l], *self.placer.shards(counts),
+                               self.params["layers"][l]["ffn"].get("b_down"), live_rows=self._live_rows(counts.max()))
         s_rows = self.plan.scratch_rows
-        for begin in range(0, len(rows), s_rows):
-            chunk = rows[begin:begin + s_rows]
-            padded = np.zeros((_scratch_bucket(len(chunk), s_rows), rows.shape[1]), rows.dtype)
-            padded[:len(chunk)] = chunk
-            x = kernels.scratch_ffn(self.cfg, self.part_slices, x, h, padded, np.int32(len(chunk)))
+        for begin in range(0, max(len(r) for r in device_rows), s_rows):
+            chunks = [r[begin:begin + s_rows] for r in device_rows]
+            padded = np.zeros((n_dev, _scratch_bucket(max(len(c) for c in chunks), s_rows), width), rows.dtype)
+            for s, chunk in enumerate(chunks):
+                padded[s, :len(chunk)] = chunk
+            x = kernels.scratch_ffn(self.cfg, self.mesh, self.part_slices, x, h,
+                                    *self.placer.shards(padded, np.array([len(c) for c in chunks], np.int32)))
         return x
 
     def _layers(self, x, positions, start, needed_ahead, update_caches: bool):
@@ -224,71 +290,60 @@ class FlashRunner:
         predicted reads are issued as soon as layer l's input is known.
         """
         stats = dict(io_wait_ms=0.0, mm_ms=0.0, select_ms=0.0, bytes_read=0, neurons_read=0, read_ops=0,
-                     evicted=0, hits=0, needed=0, ahead_read=0, ahead_used=0, missing=0)
-        updates = [None] * self.cfg.n_layers
+                     evicted=0, hits=0, needed=0, ahead_read=0, ahead_used=0, missing=0, host_hits=0)
+        updates, read_ids = [None] * self.cfg.n_layers, [None] * self.cfg.n_layers
         if needed_ahead is not None:
             t0 = time.perf_counter()
             for l, needed in enumerate(needed_ahead):
-                updates[l] = self.caches[l].step(needed) if update_caches else None
-                self.prefetcher.submit(l, updates[l].read_ids if update_caches else needed)
+                if update_caches:
+                    updates[l] = self._step_caches(l, needed)
+                    read_ids[l] = self._read_ids(updates[l])
+                else:
+                    read_ids[l] = self.partition.join([ids if self.placer.is_local(s) else ids[:0] for s, ids
+                                                       in enumerate(self.partition.split(needed))])
+                self.prefetcher.submit(l, read_ids[l])
+                stats["needed"] += len(needed) if update_caches else 0
             stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
-        speculative = None  # (layer, ids, pending read) issued from the previous layer's input
+        speculative = None  # (layer, ids, pending read, predicted ids) issued from the previous layer's input
         for l, layer in enumerate(self.params["layers"]):
             x, h, self.kv[l] = kernels.attention_step(self.cfg, layer, x, positions, start, self.kv[l])
             if needed_ahead is not None:
                 _, rows, read, waited = self.prefetcher.get()
                 stats["io_wait_ms"] += waited * 1e3
                 self._count_read(stats, read)
-                upd = updates[l]
             else:
                 t0 = time.perf_counter()
-                needed = self.selector.needed(l, h)
-                ahead = self.selector.ahead(l + 1, h) if l + 1 < self.cfg.n_layers else None
+                h_here = self.placer.local_copy(h)  # replicated: every device's copy is the same
+                needed = self.selector.needed(l, h_here)
+                ahead = self.selector.ahead(l + 1, h_here) if l + 1 < self.cfg.n_layers else None
                 stats["select_ms"] += (time.perf_counter() - t0) * 1e3
                 if speculative is not None and speculative[0] == l:
                     # What the lookahead predicted is used too: its reads are not wasted, and the
                     # extra neurons only bring the FFN closer to dense.
                     needed = np.union1d(needed, speculative[3])
                 t0 = time.perf_counter()
-                upd = self.caches[l].step(needed)
+                updates[l] = self._step_caches(l, needed)
+                read_ids[l] = self._read_ids(updates[l])
                 stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
-                rows = self._read_layer(l, upd.read_ids, speculative, stats)
+                rows = self._read_layer(l, read_ids[l], speculative, stats)
                 speculative = None
                 if ahead is not None:
-                    # Only what layer l+1's cache lacks; its reads overlap this layer's compute. Whole
+                    # Only what layer l+1's caches lack; its reads overlap this layer's compute. Whole
                     # blocks are read anyway, so keep all their rows: a neuron the lookahead missed
                     # but that shares a block with one it caught is then not read a second time.
-                    missing = _whole_blocks(ahead[self.caches[l + 1].slot_of[ahead] < 0],
-                                            self.store.ffn_block, self.cfg.d_ffn)
+                    missing = _whole_blocks(self._uncached(l + 1, ahead), self.store.ffn_block, self.cfg.d_ffn)
                     speculative = (l + 1, missing, self.store.read_neurons_async(l + 1, missing), ahead)
                 stats["needed"] += len(needed)
-            count = 0
-            if upd is not None:
-                t1 = time.perf_counter()
-                n_load = len(upd.load_ids)
-                if self.plan.cache_rows_per_layer and (len(upd.moves_src) or n_load):
-                    size = max(_bucket(len(upd.moves_src)), _bucket(n_load))
-                    loaded = np.zeros((size, rows.shape[1]), rows.dtype)
-                    loaded[:n_load] = rows[:n_load]
-                    cap = self.plan.cache_rows_per_layer
-                    self.buffers[l] = kernels.update_cache(
-                        self.part_slices, self.buffers[l], _pad(upd.moves_src, size, 0),
-                        _pad(upd.moves_dst, size, cap), _pad(upd.load_slots, size, cap), loaded)
-                rows = rows[n_load:]  # what did not fit: scratch
-                count = upd.count
-                stats["evicted"] += upd.evicted
-                stats["hits"] += upd.hits
-                if needed_ahead is not None:
-                    stats["needed"] += len(needed_ahead[l])
-                stats["mm_ms"] += (time.perf_counter() - t1) * 1e3
-            x = self._ffn(l, x, h, rows, count)
+            x = self._ffn(l, x, h, updates[l], rows, read_ids[l], stats)
         return x, stats
 
     @staticmethod
     def _count_read(stats, read) -> None:
-        stats["bytes_read"] += read.bytes
-        stats["neurons_read"] += read.neurons
-        stats["read_ops"] += read.ranges
+        """Adds a finished read's disk counters (and, with a host tier, the neurons it served)."""
+        stats["bytes_read"] += read.stats.bytes
+        stats["neurons_read"] += read.stats.neurons
+        stats["read_ops"] += read.stats.ranges
+        stats["host_hits"] += getattr(read, "host_hits", 0)
 
     def _read_layer(self, l, read_ids, speculative, stats):
         """Records of `read_ids` for layer l: those the lookahead already fetched, the rest read now."""
@@ -297,7 +352,7 @@ class FlashRunner:
         if speculative is not None and speculative[0] == l:
             _, have, pending, _ = speculative
             have_rows = pending.result()
-            self._count_read(stats, pending.stats)
+            self._count_read(stats, pending)
             stats["ahead_read"] += len(have)
         fetched = np.isin(read_ids, have)
         stats["ahead_used"] += int(fetched.sum())
@@ -307,7 +362,7 @@ class FlashRunner:
         if len(rest):
             pending = self.store.read_neurons_async(l, rest)
             rows[~fetched] = pending.result()
-            self._count_read(stats, pending.stats)
+            self._count_read(stats, pending)
         if fetched.any():
             rows[fetched] = have_rows[np.searchsorted(have, read_ids[fetched])]
         stats["io_wait_ms"] += (time.perf_counter() - t0) * 1e3
@@ -324,9 +379,13 @@ class FlashRunner:
         # The prompt's tokens together use nearly every neuron: stream each whole layer once, uncached.
         everything = [np.arange(self.cfg.d_ffn)] * self.cfg.n_layers
         x, _ = self._layers(x, positions, np.int32(0), everything, update_caches=False)
-        return kernels.head(self.cfg, self.params, x, np.int32(len(prompt) - 1), jax.random.fold_in(key, len(prompt)),
+        return self._here(kernels.head(self.cfg, self.params, x, np.int32(len(prompt) - 1), jax.random.fold_in(key, len(prompt)),
                             np.float32(s.temperature or 1.0), np.int32(s.top_k), np.float32(s.top_p),
-                            greedy=s.greedy)
+                            greedy=s.greedy))
+
+    def _here(self, out):
+        """(token, logits), replicated on the mesh -> this process's copy, which host code reads."""
+        return jax.tree.map(self.placer.local_copy, out)
 
     def decode(self, token, pos: int, s: SamplingParams, key):
         token_id = int(token[0])
@@ -341,7 +400,7 @@ class FlashRunner:
         out = kernels.head(self.cfg, self.params, x, np.int32(0), jax.random.fold_in(key, pos + 1),
                            np.float32(s.temperature or 1.0), np.int32(s.top_k), np.float32(s.top_p),
                            greedy=s.greedy)
-        jax.block_until_ready(out)
+        out = self._here(jax.block_until_ready(out))
         stats["total_ms"] = (time.perf_counter() - t0) * 1e3
         stats["compute_ms"] = stats["total_ms"] - stats["io_wait_ms"] - stats["mm_ms"]
         self.token_stats.append(stats)
@@ -375,6 +434,12 @@ class FlashRunner:
             "lookahead_precision": (sum(t["ahead_used"] for t in per_token) / max(1, sum(t["ahead_read"] for t in per_token)))
             if any(t["ahead_read"] for t in per_token) else None,
             "ffn_bytes": self.cfg.n_layers * self.cfg.d_ffn * self.store.record_nbytes,
+            # Per device when devices > 1: weights_bytes, memory_budget_bytes, cache_rows_per_layer.
+            "devices": self.options.devices,
+            "platform": self.placer.mesh.devices.flat[0].platform,
+            "staging": self.placer.staging,
+            "host_hits_per_token": mean("host_hits"),
+            "host_cache_bytes": getattr(self.store, "nbytes", 0) if self.options.host_cache is not None else 0,
         }
 
     def close(self) -> None:
