@@ -451,7 +451,8 @@ def run_flashjax(spec: dict) -> dict:
     else:
         # "candidates": configurations in order of preference; the first that fits the budget runs
         # (the predictors' own memory counts in the budget, so they may not fit a small one).
-        for cand in spec.get("candidates") or [{}]:
+        candidates = spec.get("candidates") or [{}]
+        for cand in candidates:
             spec.update(cand)
             try:
                 llm = LLM.load(spec["flash_dir"], sparsity=spec["sparsity"], memory_budget=spec["memory_budget"],
@@ -459,7 +460,7 @@ def run_flashjax(spec: dict) -> dict:
                                **dict(spec.get("flash_options") or {}))
                 break
             except BudgetTooSmallError as e:
-                if cand is (spec.get("candidates") or [{}])[-1]:
+                if cand is candidates[-1]:
                     raise
                 log(f"  [{spec['label']}] {spec['config']} does not fit: {e}; trying the next configuration")
                 not_fitting.append({"config": spec["config"], "reason": str(e)})
