@@ -62,7 +62,8 @@ class LLM:
         `memory_budget`: bytes, "300MB", "2GiB" or "50%" of what the dense engine holds.
         Other keywords go to `flashjax.flash.runner.FlashOptions` (window, prefetch_depth,
         scratch_rows, concurrency, threshold, evict_page_cache, verify, selection,
-        predictor_threshold, top_k, over_select, lookahead, devices, host_cache, staging).
+        predictor_threshold, top_k, over_select, lookahead, devices, host_cache, staging,
+        resident_dtype, cache_dtype).
         `devices=N` splits each layer's FFN neurons across N devices (a converted model; without a
         budget or sparsity, every neuron stays cached: the dense model spread over the devices).
         """

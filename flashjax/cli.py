@@ -46,6 +46,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "or a share of the on-disk FFN like 100%%")
     p.add_argument("--staging", default="auto", choices=["auto", "pinned", "direct"],
                    help="host memory read rows land in before the device copy (auto: pinned on accelerators)")
+    p.add_argument("--resident-dtype", default="auto", choices=["auto", "compute", "storage"],
+                   help="resident weights in the compute dtype or as stored (auto: as stored only when the "
+                        "budget could not otherwise hold every neuron)")
+    p.add_argument("--cache-dtype", default="auto", choices=["auto", "compute", "storage"],
+                   help="cached neuron rows in the compute or the storage dtype (auto: likewise)")
     p.add_argument("--verbose", action="store_true", help="print the memory plan")
 
 
@@ -72,7 +77,8 @@ def _load(args):
                      evict_page_cache=args.evict_page_cache, selection=args.selection,
                      predictor_threshold=args.predictor_threshold, top_k=args.top_k_neurons,
                      over_select=args.over_select, lookahead=not args.no_lookahead, devices=args.devices,
-                     host_cache=args.host_cache, staging=args.staging)
+                     host_cache=args.host_cache, staging=args.staging, resident_dtype=args.resident_dtype,
+                     cache_dtype=args.cache_dtype)
     return LLM.load(args.model, compute_dtype=args.dtype, max_context=args.max_context, sparsity=args.sparsity,
                     memory_budget=args.memory_budget, verbose=args.verbose, **flash)
 

@@ -163,3 +163,34 @@ def test_gate_path_with_nothing_dropped_equals_dense(tiny_flash, tmp_path_factor
     llm = flashjax.load(calibrated, sparsity="gate")
     ours, stats = drain_tokens(llm, prompt)
     assert ours == expected
+
+
+def test_tight_budget_holds_weights_in_the_storage_dtype(tmp_path):
+    """A budget that cannot hold every neuron in float32 keeps the cached rows, then the resident
+    weights, in float16 (as stored) and converts them as they are multiplied: the values are the
+    stored ones either way, so the tokens equal the dense run of the same converted model."""
+    build_tiny("llama_gqa", tmp_path / "hf")
+    path = str(tmp_path / "flash")
+    convert(str(tmp_path / "hf"), path, dtype="float16", progress=False)
+    dense = flashjax.load(path)
+    prompt = random_ids(6, dense.config.vocab_size, seed=31)
+    expected, _ = drain_tokens(dense, prompt)
+    wide = flashjax.load(path, sparsity="hybrid", memory_budget="1GB", scratch_rows=16)
+    assert (wide.runner.stats()["resident_dtype"], wide.runner.stats()["cache_dtype"]) == ("float32", "float32")
+    narrow_plan = flashjax.load(path, sparsity="hybrid", memory_budget="1GB", scratch_rows=16,
+                                resident_dtype="storage", cache_dtype="storage").runner.plan
+    # Room for every neuron only when both are held as stored.
+    budget = narrow_plan.resident_bytes + narrow_plan.scratch_bytes + narrow_plan.io_buffer_bytes + narrow_plan.cache_bytes
+    llm = flashjax.load(path, sparsity="hybrid", memory_budget=budget, scratch_rows=16)
+    ours, stats = drain_tokens(llm, prompt)
+    assert (stats["resident_dtype"], stats["cache_dtype"]) == ("as stored", "float16")
+    assert stats["cache_rows_per_layer"] == dense.config.d_ffn
+    assert stats["weights_bytes"] <= budget
+    assert ours == expected
+    # Fixed choices are honoured; the float32 cache then holds fewer rows in the same budget.
+    fixed = flashjax.load(path, sparsity="hybrid", memory_budget=budget, scratch_rows=16, resident_dtype="storage",
+                          cache_dtype="compute")
+    assert fixed.runner.plan.cache_rows_per_layer < dense.config.d_ffn
+    assert drain_tokens(fixed, prompt)[0] == expected
+    with pytest.raises(ValueError, match="cache_dtype"):
+        flashjax.load(path, sparsity="hybrid", cache_dtype="int4")

@@ -125,3 +125,15 @@ def test_bad_device_counts(tiny_flash, tmp_path):
     build_tiny("llama_gqa", tmp_path / "hf")
     with pytest.raises(ValueError, match="flashjax convert"):
         flashjax.load(str(tmp_path / "hf"), devices=2)
+
+
+def test_command_line_options_reach_the_engine(tiny_flash):
+    from flashjax import cli
+
+    name, path = tiny_flash
+    args = cli.build_parser().parse_args(["generate", "--model", path, "--prompt", "x", "--sparsity", "naive",
+                                          "--memory-budget", "1GB", "--devices", "2", "--host-cache", "100%",
+                                          "--staging", "direct"])
+    runner = cli._load(args).runner
+    assert (runner.options.devices, runner.options.host_cache, runner.placer.staging) == (2, "100%", "direct")
+    assert runner.store.nbytes >= runner.stats()["ffn_bytes"]  # the host tier holds the whole FFN

@@ -47,11 +47,12 @@ class MemoryPlan:
     budget_bytes: int
     resident_bytes: int
     cache_rows_per_layer: int
-    row_bytes: int  # one cached neuron, all its parts, compute dtype
+    row_bytes: int  # one cached neuron, all its parts, in the cache's dtype
     scratch_rows: int
     io_buffer_bytes: int
     n_layers: int
     d_ffn: int
+    scratch_row_bytes: int  # one streamed neuron in the compute dtype (what the FFN multiplies)
 
     @property
     def cache_bytes(self) -> int:
@@ -59,7 +60,7 @@ class MemoryPlan:
 
     @property
     def scratch_bytes(self) -> int:
-        return self.scratch_rows * self.row_bytes
+        return self.scratch_rows * self.scratch_row_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -75,13 +76,15 @@ class MemoryPlan:
 
 def plan_memory(cfg: ModelConfig, budget_bytes: int | None, resident_bytes: int, record_width: int,
                 storage_itemsize: int, compute_itemsize: int, scratch_rows: int, prefetch_depth: int,
-                max_cache_rows: int | None = None) -> MemoryPlan:
-    """Sizes each layer's cache from what the budget leaves; `budget_bytes=None` means unlimited."""
-    row_bytes = record_width * compute_itemsize
+                max_cache_rows: int | None = None, cache_itemsize: int | None = None) -> MemoryPlan:
+    """Sizes each layer's cache from what the budget leaves; `budget_bytes=None` means unlimited.
+    Cached rows take `cache_itemsize` bytes per value (default: the compute dtype's)."""
+    row_bytes = record_width * (cache_itemsize or compute_itemsize)
+    scratch_row_bytes = record_width * compute_itemsize
     scratch_rows = min(scratch_rows, cfg.d_ffn)
     # Worst case in flight: `prefetch_depth` whole layers (the naive path reads every neuron).
     io_bytes = prefetch_depth * cfg.d_ffn * record_width * storage_itemsize
-    minimum = resident_bytes + scratch_rows * row_bytes + io_bytes
+    minimum = resident_bytes + scratch_rows * scratch_row_bytes + io_bytes
     limit = cfg.d_ffn if max_cache_rows is None else min(cfg.d_ffn, max_cache_rows)
     if budget_bytes is None:
         rows = limit
@@ -91,7 +94,7 @@ def plan_memory(cfg: ModelConfig, budget_bytes: int | None, resident_bytes: int,
             raise BudgetTooSmallError(
                 f"memory budget of {budget_bytes / 1e6:.1f} MB is too small: the minimum is "
                 f"{minimum / 1e6:.1f} MB ({minimum} bytes: resident weights {resident_bytes / 1e6:.1f} MB, "
-                f"scratch {scratch_rows * row_bytes / 1e6:.1f} MB, read buffers {io_bytes / 1e6:.1f} MB)")
+                f"scratch {scratch_rows * scratch_row_bytes / 1e6:.1f} MB, read buffers {io_bytes / 1e6:.1f} MB)")
         rows = min(limit, (budget_bytes - minimum) // (row_bytes * cfg.n_layers))
     return MemoryPlan(budget_bytes, resident_bytes, int(rows), row_bytes, scratch_rows, io_bytes,
-                      cfg.n_layers, cfg.d_ffn)
+                      cfg.n_layers, cfg.d_ffn, scratch_row_bytes)

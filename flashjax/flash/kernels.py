@@ -25,9 +25,10 @@ from flashjax.model.transformer import attention_block, embed, ffn_input, final_
 from flashjax.sampling import sample
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def embed_tokens(cfg: ModelConfig, params, tokens, positions):
-    return embed(cfg, params, tokens, positions)
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def embed_tokens(cfg: ModelConfig, params, tokens, positions, dtype):
+    """The residual stream starts in the compute dtype even when the tables are held narrower."""
+    return embed(cfg, params, tokens, positions).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
@@ -70,7 +71,8 @@ def cached_ffn(cfg: ModelConfig, mesh, x, h, buffers, counts, b_down, live_rows)
     """
 
     def local(h, buffers, counts):
-        live = {name: buf[:live_rows] for name, buf in buffers.items()}
+        # A cache kept in the storage dtype (cache_dtype="storage") is converted as it is multiplied.
+        live = {name: buf[:live_rows].astype(h.dtype) for name, buf in buffers.items()}
         return jax.lax.psum(_rows_ffn(cfg, live, jnp.arange(live_rows) < counts[0], h), NEURONS)
 
     out = _on_shards(mesh, local, (P(), P(NEURONS), P(NEURONS)), P())(h, buffers, counts)
@@ -120,3 +122,4 @@ def head(cfg: ModelConfig, params, x, last, key, temperature, top_k, top_p, gree
     """Final norm, logits and sampling at position `last` of x [B, T, D]."""
     logits = final_logits(cfg, params, jax.lax.dynamic_slice_in_dim(x, last, 1, axis=1))[:, 0]
     return sample(logits, key, temperature, top_k, top_p, greedy), logits
+

@@ -24,11 +24,10 @@ from flashjax.cache import LayerNeuronCache
 from flashjax.config import EngineConfig
 from flashjax.engine import _round_up
 from flashjax.flash import kernels
-from flashjax.flash.budget import dense_weight_bytes, parse_budget, plan_memory
+from flashjax.flash.budget import BudgetTooSmallError, dense_weight_bytes, parse_budget, plan_memory
 from flashjax.flash.prefetch import Prefetcher
 from flashjax.flash.selection import NaiveSelector, OracleSelector
 from flashjax.flash.shards import NeuronPartition, ShardPlacer, make_mesh
-from flashjax.model.params import tree_nbytes
 from flashjax.model.transformer import init_kv_cache
 from flashjax.sampling import SamplingParams
 
@@ -61,6 +60,11 @@ class FlashOptions:
     # bigger, slower memory (store/host_tier.py).
     host_cache: str | int | None = None
     staging: str = "auto"  # "pinned" | "direct": host memory the rows land in before the device copy
+    # What the resident weights and the cached rows are held in: the compute dtype ("compute": no
+    # conversion per token) or the storage dtype ("storage", e.g. float16: half the memory, converted
+    # as they are multiplied). "auto" picks per budget (FlashRunner._choose_dtypes).
+    resident_dtype: str = "auto"
+    cache_dtype: str = "auto"
 
     def __post_init__(self):
         if self.window < 1:
@@ -69,6 +73,9 @@ class FlashOptions:
             raise ValueError(f"scratch_rows must be at least 16, got {self.scratch_rows}")
         if self.prefetch_depth < 1 or self.concurrency < 1:
             raise ValueError("prefetch_depth and concurrency must be at least 1")
+        for name in ("resident_dtype", "cache_dtype"):
+            if getattr(self, name) not in ("auto", "compute", "storage"):
+                raise ValueError(f"{name} must be auto, compute or storage, not {getattr(self, name)!r}")
         if self.devices < 1:
             raise ValueError(f"devices must be at least 1, got {self.devices}")
 
@@ -103,7 +110,6 @@ class FlashRunner:
         self.compute_dtype = jnp.dtype(engine_cfg.compute_dtype)
         self.mesh = make_mesh(options.devices)
         self.placer = ShardPlacer(self.mesh, options.staging)
-        self.params = self.placer.replicate(flash_model.load_resident(self.compute_dtype))
         self.store = flash_model.ffn_store(concurrency=options.concurrency)
         if options.host_cache is not None:
             from flashjax.store.host_tier import wrap_host_tier
@@ -115,27 +121,62 @@ class FlashRunner:
         self.dense_bytes = dense_weight_bytes(cfg, self.compute_dtype)
         self.selector = self._make_selector(flash_model, options, oracle_params)
         budget = None if options.memory_budget is None else parse_budget(options.memory_budget, self.dense_bytes)
-        # Predictors and a resident gate projection are held in memory too: they count. With several
-        # devices the plan is per device: each holds the (replicated) resident part and its share of
-        # the caches.
-        resident = tree_nbytes(self.params) + getattr(self.selector, "nbytes", 0)
-        self.plan = plan_memory(cfg, budget, resident, layout.record_width,
-                                self.store.dtype.itemsize, self.compute_dtype.itemsize, options.scratch_rows,
-                                options.prefetch_depth,
-                                max_cache_rows=0 if options.sparsity == "naive" else self.partition.max_size)
+        self.resident_dtype, self.cache_dtype, self.plan = self._choose_dtypes(flash_model, budget)
+        self.params = self.placer.replicate(flash_model.load_resident(self.resident_dtype))
         if verbose:
             per_device = f" per device, {options.devices} devices" if options.devices > 1 else ""
-            print(f"flashjax: {self.plan.describe()}{per_device}", file=sys.stderr)
+            print(f"flashjax: {self.plan.describe()}{per_device}; resident weights held "
+                  f"{self._dtype_name(self.resident_dtype)}, cached rows {self._dtype_name(self.cache_dtype)}",
+                  file=sys.stderr)
         rows = self.plan.cache_rows_per_layer
         # caches[l][s]: layer l's cache on device s, over that device's own (local) neuron ids.
         self.caches = [[LayerNeuronCache(rows, self.partition.size(s), options.window)
                         for s in range(options.devices)] for _ in range(cfg.n_layers)]
-        self.buffers = [{name: self.placer.zeros((options.devices * rows, stop - start), self.compute_dtype)
+        self.buffers = [{name: self.placer.zeros((options.devices * rows, stop - start), self.cache_dtype)
                          for name, (start, stop) in self.part_slices} for _ in range(cfg.n_layers)]
         self.prefetcher = Prefetcher(self.store, options.prefetch_depth)
         self.kv = None
         self._warm = False
         self.token_stats: list[dict] = []
+
+    def _plan(self, budget, resident_bytes: int, cache_dtype):
+        # Predictors and a resident gate projection are held in memory too: they count. With several
+        # devices the plan is per device: each holds the (replicated) resident part and its share of
+        # the caches.
+        opts, store = self.options, self.store
+        return plan_memory(self.cfg, budget, resident_bytes + getattr(self.selector, "nbytes", 0),
+                           store.record_width, store.dtype.itemsize, self.compute_dtype.itemsize, opts.scratch_rows,
+                           opts.prefetch_depth,
+                           max_cache_rows=0 if opts.sparsity == "naive" else self.partition.max_size,
+                           cache_itemsize=np.dtype(cache_dtype).itemsize)
+
+    @staticmethod
+    def _dtype_name(dtype) -> str:
+        return "as stored" if isinstance(dtype, str) else np.dtype(dtype).name
+
+    def _choose_dtypes(self, flash_model, budget):
+        """(resident dtype, cache dtype, memory plan). Fixed choices are taken as given; "auto" keeps
+        the compute dtype while every neuron's row still fits the budget (no conversion per token),
+        else holds rows, then resident weights too, in the storage dtype: converting as they are
+        multiplied costs far less than reading from disk the rows the narrower copy makes room for."""
+        opts, compute, storage = self.options, self.compute_dtype, self.store.dtype
+        # Resident weights "as stored": matrices in the storage dtype, norm scales and biases float32.
+        resident_bytes = {compute: flash_model.resident_nbytes(compute), "stored": flash_model.resident_nbytes("stored")}
+        choices = lambda choice, narrow: {"compute": [compute], "storage": [narrow], "auto": [compute, narrow]}[choice]
+        plans = []
+        for resident in choices(opts.resident_dtype, "stored"):
+            for cache in choices(opts.cache_dtype, storage):
+                try:
+                    plans.append((resident, cache, self._plan(budget, resident_bytes[resident], cache)))
+                except BudgetTooSmallError as e:
+                    error = e
+        if not plans:
+            raise error
+        full = self.partition.max_size if opts.sparsity != "naive" else 0
+        for resident, cache, plan in plans:  # in order of preference: compute first
+            if plan.cache_rows_per_layer >= full:
+                return resident, cache, plan
+        return max(plans, key=lambda p: p[2].cache_rows_per_layer)
 
     @staticmethod
     def _make_selector(flash_model, options, oracle_params):
@@ -202,7 +243,7 @@ class FlashRunner:
                                 *self.placer.shards(np.zeros((n_dev, chunk, width), self.store.dtype),
                                                     np.zeros(n_dev, np.int32)))
         positions = np.zeros((1, 1), np.int32)
-        kernels.embed_tokens(cfg, self.params, np.zeros((1, 1), np.int32), positions)
+        kernels.embed_tokens(cfg, self.params, np.zeros((1, 1), np.int32), positions, self.compute_dtype)
         kv = jax.tree.map(jnp.copy, self.kv[0])
         kernels.attention_step(cfg, self.params["layers"][0], x, positions, np.int32(0), kv)
         kernels.head(cfg, self.params, x, np.int32(0), key, np.float32(1.0), np.int32(0), np.float32(1.0),
@@ -274,40 +315,56 @@ class FlashRunner:
         s_rows = self.plan.scratch_rows
         for begin in range(0, max(len(r) for r in device_rows), s_rows):
             chunks = [r[begin:begin + s_rows] for r in device_rows]
-            padded = np.zeros((n_dev, _scratch_bucket(max(len(c) for c in chunks), s_rows), width), rows.dtype)
-            for s, chunk in enumerate(chunks):
-                padded[s, :len(chunk)] = chunk
+            size = _scratch_bucket(max(len(c) for c in chunks), s_rows)
+            if n_dev == 1 and len(chunks[0]) == size:
+                padded = chunks[0][None]  # a full chunk on one device: the read's own rows, no copy
+            else:
+                padded = np.zeros((n_dev, size, width), rows.dtype)
+                for s, chunk in enumerate(chunks):
+                    padded[s, :len(chunk)] = chunk
             x = kernels.scratch_ffn(self.cfg, self.mesh, self.part_slices, x, h,
                                     *self.placer.shards(padded, np.array([len(c) for c in chunks], np.int32)))
         return x
 
-    def _layers(self, x, positions, start, needed_ahead, update_caches: bool):
-        """Runs every layer; returns (x, stats).
+    @staticmethod
+    def _new_stats() -> dict:
+        return dict(io_wait_ms=0.0, mm_ms=0.0, select_ms=0.0, bytes_read=0, neurons_read=0, read_ops=0,
+                    evicted=0, hits=0, needed=0, ahead_read=0, ahead_used=0, missing=0, host_hits=0)
 
-        `needed_ahead`: every layer's neuron ids, known before the token starts (naive, oracle,
-        prefill): all reads go to the prefetch thread at once and run ahead of the compute. None:
-        the selector picks per layer from that layer's FFN input; with lookahead, layer l+1's
-        predicted reads are issued as soon as layer l's input is known.
+    def _plan_ahead(self, needed_ahead, update_caches: bool, stats):
+        """For neuron sets known before the token starts (naive, hybrid, oracle, prefill): every
+        layer's cache updates (None when the caches are left alone) and the ids to read."""
+        t0 = time.perf_counter()
+        updates, read_ids = [], []
+        for l, needed in enumerate(needed_ahead):
+            if update_caches:
+                updates.append(self._step_caches(l, needed))
+                read_ids.append(self._read_ids(updates[l]))
+                stats["needed"] += len(needed)
+            else:
+                updates.append(None)
+                read_ids.append(self.partition.join([ids if self.placer.is_local(s) else ids[:0]
+                                                     for s, ids in enumerate(self.partition.split(needed))]))
+        stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
+        return updates, read_ids
+
+    def _layers(self, x, positions, start, ahead, stats):
+        """Runs every layer; returns x.
+
+        `ahead`: (every layer's cache updates, ids to read) from `_plan_ahead` when the neuron sets
+        were known before the token started (naive, hybrid, oracle, prefill): all reads go to the
+        prefetch thread at once and run ahead of the compute. None: the selector picks per layer
+        from that layer's FFN input; with lookahead, layer l+1's predicted reads are issued as soon
+        as layer l's input is known.
         """
-        stats = dict(io_wait_ms=0.0, mm_ms=0.0, select_ms=0.0, bytes_read=0, neurons_read=0, read_ops=0,
-                     evicted=0, hits=0, needed=0, ahead_read=0, ahead_used=0, missing=0, host_hits=0)
-        updates, read_ids = [None] * self.cfg.n_layers, [None] * self.cfg.n_layers
-        if needed_ahead is not None:
-            t0 = time.perf_counter()
-            for l, needed in enumerate(needed_ahead):
-                if update_caches:
-                    updates[l] = self._step_caches(l, needed)
-                    read_ids[l] = self._read_ids(updates[l])
-                else:
-                    read_ids[l] = self.partition.join([ids if self.placer.is_local(s) else ids[:0] for s, ids
-                                                       in enumerate(self.partition.split(needed))])
-                self.prefetcher.submit(l, read_ids[l])
-                stats["needed"] += len(needed) if update_caches else 0
-            stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
+        updates, read_ids = ahead if ahead is not None else ([None] * self.cfg.n_layers, [None] * self.cfg.n_layers)
+        if ahead is not None:
+            for l, ids in enumerate(read_ids):
+                self.prefetcher.submit(l, ids)
         speculative = None  # (layer, ids, pending read, predicted ids) issued from the previous layer's input
         for l, layer in enumerate(self.params["layers"]):
             x, h, self.kv[l] = kernels.attention_step(self.cfg, layer, x, positions, start, self.kv[l])
-            if needed_ahead is not None:
+            if ahead is not None:
                 _, rows, read, waited = self.prefetcher.get()
                 stats["io_wait_ms"] += waited * 1e3
                 self._count_read(stats, read)
@@ -315,7 +372,7 @@ class FlashRunner:
                 t0 = time.perf_counter()
                 h_here = self.placer.local_copy(h)  # replicated: every device's copy is the same
                 needed = self.selector.needed(l, h_here)
-                ahead = self.selector.ahead(l + 1, h_here) if l + 1 < self.cfg.n_layers else None
+                next_ids = self.selector.ahead(l + 1, h_here) if l + 1 < self.cfg.n_layers else None
                 stats["select_ms"] += (time.perf_counter() - t0) * 1e3
                 if speculative is not None and speculative[0] == l:
                     # What the lookahead predicted is used too: its reads are not wasted, and the
@@ -327,15 +384,15 @@ class FlashRunner:
                 stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
                 rows = self._read_layer(l, read_ids[l], speculative, stats)
                 speculative = None
-                if ahead is not None:
+                if next_ids is not None:
                     # Only what layer l+1's caches lack; its reads overlap this layer's compute. Whole
                     # blocks are read anyway, so keep all their rows: a neuron the lookahead missed
                     # but that shares a block with one it caught is then not read a second time.
-                    missing = _whole_blocks(self._uncached(l + 1, ahead), self.store.ffn_block, self.cfg.d_ffn)
-                    speculative = (l + 1, missing, self.store.read_neurons_async(l + 1, missing), ahead)
+                    missing = _whole_blocks(self._uncached(l + 1, next_ids), self.store.ffn_block, self.cfg.d_ffn)
+                    speculative = (l + 1, missing, self.store.read_neurons_async(l + 1, missing), next_ids)
                 stats["needed"] += len(needed)
             x = self._ffn(l, x, h, updates[l], rows, read_ids[l], stats)
-        return x, stats
+        return x
 
     @staticmethod
     def _count_read(stats, read) -> None:
@@ -375,10 +432,11 @@ class FlashRunner:
         tokens[0, :len(prompt)] = prompt
         self.selector.prefill(tokens[0, :len(prompt)])
         positions = np.arange(padded, dtype=np.int32)[None]
-        x = kernels.embed_tokens(self.cfg, self.params, tokens, positions)
+        x = kernels.embed_tokens(self.cfg, self.params, tokens, positions, self.compute_dtype)
         # The prompt's tokens together use nearly every neuron: stream each whole layer once, uncached.
         everything = [np.arange(self.cfg.d_ffn)] * self.cfg.n_layers
-        x, _ = self._layers(x, positions, np.int32(0), everything, update_caches=False)
+        stats = self._new_stats()
+        x = self._layers(x, positions, np.int32(0), self._plan_ahead(everything, False, stats), stats)
         return self._here(kernels.head(self.cfg, self.params, x, np.int32(len(prompt) - 1), jax.random.fold_in(key, len(prompt)),
                             np.float32(s.temperature or 1.0), np.int32(s.top_k), np.float32(s.top_p),
                             greedy=s.greedy))
@@ -394,12 +452,15 @@ class FlashRunner:
         # Outside the timings: the oracle is a measuring device. Per-layer selectors return None here.
         needed = self.selector.begin(token_id, pos)
         t0 = time.perf_counter()
+        stats = self._new_stats()
+        ahead = None if needed is None else self._plan_ahead(needed, True, stats)
         positions = np.full((1, 1), pos, np.int32)
-        x = kernels.embed_tokens(self.cfg, self.params, np.array([[token_id]], np.int32), positions)
-        x, stats = self._layers(x, positions, np.int32(pos), needed, update_caches=True)
-        out = kernels.head(self.cfg, self.params, x, np.int32(0), jax.random.fold_in(key, pos + 1),
-                           np.float32(s.temperature or 1.0), np.int32(s.top_k), np.float32(s.top_p),
-                           greedy=s.greedy)
+        tokens = np.array([[token_id]], np.int32)
+        sampling = (jax.random.fold_in(key, pos + 1), np.float32(s.temperature or 1.0), np.int32(s.top_k),
+                    np.float32(s.top_p))
+        x = kernels.embed_tokens(self.cfg, self.params, tokens, positions, self.compute_dtype)
+        x = self._layers(x, positions, np.int32(pos), ahead, stats)
+        out = kernels.head(self.cfg, self.params, x, np.int32(0), *sampling, greedy=s.greedy)
         out = self._here(jax.block_until_ready(out))
         stats["total_ms"] = (time.perf_counter() - t0) * 1e3
         stats["compute_ms"] = stats["total_ms"] - stats["io_wait_ms"] - stats["mm_ms"]
@@ -436,6 +497,8 @@ class FlashRunner:
             "ffn_bytes": self.cfg.n_layers * self.cfg.d_ffn * self.store.record_nbytes,
             # Per device when devices > 1: weights_bytes, memory_budget_bytes, cache_rows_per_layer.
             "devices": self.options.devices,
+            "resident_dtype": self._dtype_name(self.resident_dtype),
+            "cache_dtype": self._dtype_name(self.cache_dtype),
             "platform": self.placer.mesh.devices.flat[0].platform,
             "staging": self.placer.staging,
             "host_hits_per_token": mean("host_hits"),

@@ -13,7 +13,7 @@ import numpy as np
 from flashjax.config import ModelConfig
 from flashjax.store.ffn_store import FFNStore, verify_files
 from flashjax.store.manifest import Manifest, read_manifest, unpack_records
-from flashjax.store.resident import load_resident, load_resident_numpy, resident_paths
+from flashjax.store.resident import load_resident, load_resident_numpy, resident_nbytes, resident_paths
 from flashjax.weights.source import ModelSource
 
 
@@ -41,6 +41,10 @@ class FlashModel:
     def load_resident(self, dtype=None) -> dict:
         """Resident parameters as jax arrays of `dtype` in `empty_tree`'s layout (see store.resident)."""
         return load_resident(self.path, dtype, self.manifest)
+
+    def resident_nbytes(self, dtype) -> int:
+        """What `load_resident(dtype)` will hold, in bytes, without loading it."""
+        return resident_nbytes(self.config, self.manifest.dtype, dtype)
 
     def tokenizer(self):
         return _tokenizer_factory(self.path)()

@@ -81,8 +81,20 @@ def load_resident_numpy(model_dir: str, cfg: ModelConfig, storage: str) -> dict:
     return _from_orbax(restored, cfg.n_layers)
 
 
+def resident_nbytes(cfg: ModelConfig, storage: str, dtype=None) -> int:
+    """Bytes the resident parameters take in `dtype`, or as stored (`dtype="stored"`: matrices in the
+    storage dtype, vectors float32)."""
+    total = 0
+    for path in resident_paths(cfg):
+        shape = expected_shape(cfg, path)
+        held = resident_dtype(shape, storage) if isinstance(dtype, str) and dtype == "stored" else np.dtype(dtype)
+        total += int(np.prod(shape)) * held.itemsize
+    return total
+
+
 def load_resident(model_dir: str, dtype=None, manifest=None) -> dict:
-    """The resident parameters as jax arrays of `dtype` (None: float32), in `empty_tree`'s layout:
+    """The resident parameters as jax arrays of `dtype` (None: float32; "stored": as stored, matrices
+    in the storage dtype and vectors float32), in `empty_tree`'s layout:
     {"embed", "final_norm", "layers": [{"attn_norm", "attn", "ffn_norm", "ffn"}, ...]} where "ffn"
     holds only resident bits (b_down when the model has FFN biases)."""
     import jax
@@ -92,5 +104,7 @@ def load_resident(model_dir: str, dtype=None, manifest=None) -> dict:
 
     manifest = manifest or read_manifest(model_dir)
     tree = load_resident_numpy(model_dir, manifest.config, manifest.dtype)
+    if isinstance(dtype, str) and dtype == "stored":
+        return jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), tree)
     dtype = jnp.float32 if dtype is None else dtype
     return jax.tree.map(lambda a: jnp.asarray(np.asarray(a), dtype=dtype), tree)
