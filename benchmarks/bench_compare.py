@@ -326,7 +326,7 @@ def pick_best_sparse(rows: list[dict]) -> None:
             group = by_budget.get(r.get("memory_budget"), [])
             r["best_sparse"] = bool(group) and r is min(group, key=lambda x: x["decode_ms_per_token"])
             if not r["best_sparse"]:
-                r["series"] = "flashjax other sparse (cold)"
+                r["series"] = f"flashjax {r.get('sparsity') or 'other'} (cold, not the best)"
 
 
 def goals(rows: list[dict]) -> list[dict]:

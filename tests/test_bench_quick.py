@@ -132,3 +132,18 @@ def test_quick_compare_on_tiny_model(tmp_path, capsys):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
     assert json.loads((out / "results.json").read_text())["rows"]
+
+
+def test_best_sparse_is_the_fastest_candidate_at_each_budget():
+    from benchmarks.bench_compare import pick_best_sparse
+
+    def row(sparsity, budget, ms, **extra):
+        return dict(system="flashjax", sparsity=sparsity, memory_budget=budget, decode_ms_per_token=ms,
+                    sparse_candidate=True, series="flashjax best sparse (cold)", **extra)
+
+    rows = [row("predictor", 0.5, 300.0), row("hybrid", 0.5, 140.0), row("predictor", 0.8, 90.0),
+            row("hybrid", 0.8, 100.0), row("hybrid", 0.65, None, error="BudgetTooSmallError: ...")]
+    pick_best_sparse(rows)
+    assert [r["best_sparse"] for r in rows] == [False, True, True, False, False]
+    assert rows[0]["series"] == "flashjax predictor (cold, not the best)"
+    assert rows[1]["series"] == "flashjax best sparse (cold)"
