@@ -18,7 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import drain, finish, log, machine, peak_rss_bytes, prompt_ids, summary  # noqa: E402
+from benchmarks.common import finish, log, machine, peak_rss_bytes, prompt_ids, summary  # noqa: E402
+from flashjax.engine import drain  # noqa: E402
 
 
 def run_flashjax(llm, ids, n_new, runs):

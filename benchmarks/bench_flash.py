@@ -34,7 +34,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import drain, finish, log, machine, peak_rss_bytes, prompt_ids  # noqa: E402
+from benchmarks.common import finish, log, machine, peak_rss_bytes, prompt_ids  # noqa: E402
+from flashjax.engine import drain  # noqa: E402
 from benchmarks.disk_probe import probe, throughput_for  # noqa: E402
 
 CONFIGS = [

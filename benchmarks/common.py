@@ -9,9 +9,6 @@ import platform
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flashjax.engine import drain  # noqa: E402,F401  (the benchmarks' way to run a generation)
-
 HERE = pathlib.Path(__file__).resolve().parent
 SHARED_TEXT = HERE.parent.parent / "shared" / "data" / "calib_python_docstrings.txt"
 # Used when the shared calibration text is absent (a user's own checkout): any long English text will do.

@@ -440,9 +440,8 @@ def run_flashjax(spec: dict) -> dict:
     engine on the converted model under a budget, cold page cache (FlashOptions(evict_page_cache=True))."""
     import flashjax
     from flashjax.api import LLM
-    from flashjax.flash.budget import dense_weight_bytes
-
-    from flashjax.flash.budget import BudgetTooSmallError
+    from flashjax.engine import drain
+    from flashjax.flash.budget import BudgetTooSmallError, dense_weight_bytes
 
     not_fitting = []
     if spec.get("sparsity") == "dense":
@@ -488,14 +487,7 @@ def run_flashjax(spec: dict) -> dict:
             page_out([flash_dir])  # the prefill reads cold too
         per_step.update(disk=0, steps=0)
         b0 = read_bytes()
-        gen = llm.generate_ids(ids, max_tokens=n_new, stop_at_eos=False)
-        tokens = []
-        while True:
-            try:
-                tokens.append(next(gen))
-            except StopIteration as done:
-                stats = done.value
-                break
+        tokens, stats = drain(llm.generate_ids(ids, max_tokens=n_new, stop_at_eos=False))
         runs_stats.append(stats)
         proc_disk.append(per_step["disk"] / max(1, per_step["steps"]))
         disk = stats.get("bytes_read_per_token", 0) if flash_dir is not None else 0

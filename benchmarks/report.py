@@ -155,6 +155,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_latency_vs_memory(result: dict, path: str) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -194,10 +201,7 @@ def plot_latency_vs_memory(result: dict, path: str) -> str:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"Latency per token vs memory budget — {result.get('model')}", fontsize=10)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_breakdown(result: dict, path: str) -> str:
@@ -220,10 +224,7 @@ def plot_breakdown(result: dict, path: str) -> str:
     ax.set_ylabel("ms per token")
     ax.set_title(f"flashjax per-token latency breakdown — {result.get('model')}", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_disk_probe(probe: dict, path: str) -> str:
@@ -239,10 +240,7 @@ def plot_disk_probe(probe: dict, path: str) -> str:
     ax.set_title("disk probe: the I/O ceiling", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_report(result: dict, out_dir: str) -> dict:

@@ -152,3 +152,24 @@ synthetic_benchmarks() {
   fi
   [ ${#results[@]} -eq 0 ] || summarize "${results[@]}"
 }
+
+# run_accelerator PLATFORM JAX_SPEC SHAPE HINT OUT_DIR [MODEL]: the whole GPU or TPU run. JAX for the
+# platform (JAX_SPEC when none sees it), the device check (HINT when it fails), the generations
+# (BUDGET, MAX_TOKENS), then the synthetic-model benchmarks of shape SHAPE in WORKDIR.
+run_accelerator() {
+  local platform=$1 jax_spec=$2 shape=$3 hint=$4
+  shift 4
+  [ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [MODEL]" >&2; exit 2; }
+  local out model workdir
+  out=$(out_dir "$1")
+  model=${2:-smollm2}
+  workdir=$(out_dir "${WORKDIR:-$out/synthetic-$shape}")
+  cd "$ROOT"
+  ensure_jax "$platform" "$jax_spec"
+  require_device "$platform" "$hint"
+  if step generate; then
+    generations "$out" "$model" "${BUDGET:-50%}" "${MAX_TOKENS:-64}"
+  fi
+  synthetic_benchmarks "$out" "$shape" "$workdir"
+  log "results in $out"
+}

@@ -28,22 +28,9 @@
 #   STEPS                     a subset of "generate build cold warm" (default: all); the device check always runs
 #   PYTHON [python]           the interpreter (its pip installs what is missing)
 set -euo pipefail
-[ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [MODEL]" >&2; exit 2; }
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/common.sh
 . "$ROOT/scripts/common.sh"
-out=$(out_dir "$1")
-model=${2:-smollm2}
-shape=${SHAPE:-opt-6.7b}
-workdir=$(out_dir "${WORKDIR:-$out/synthetic-$shape}")
-cd "$ROOT"
-
-ensure_jax gpu "${JAX_SPEC:-jax[cuda12]}"
-require_device gpu "Check nvidia-smi and CUDA_VISIBLE_DEVICES: jax[cuda12] needs a driver that supports CUDA 12 \
-(nvidia-smi shows the newest CUDA it supports; JAX_SPEC='jax[cuda13]' for CUDA 13)."
-
-if step generate; then
-  generations "$out" "$model" "${BUDGET:-50%}" "${MAX_TOKENS:-64}"
-fi
-synthetic_benchmarks "$out" "$shape" "$workdir"
-log "results in $out"
+run_accelerator gpu "${JAX_SPEC:-jax[cuda12]}" "${SHAPE:-opt-6.7b}" \
+  "Check nvidia-smi and CUDA_VISIBLE_DEVICES: jax[cuda12] needs a driver that supports CUDA 12 \
+(nvidia-smi shows the newest CUDA it supports; JAX_SPEC='jax[cuda13]' for CUDA 13)." "$@"

@@ -28,22 +28,9 @@
 #   STEPS                     a subset of "generate build cold warm" (default: all); the device check always runs
 #   PYTHON [python]           the interpreter (its pip installs what is missing)
 set -euo pipefail
-[ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [MODEL]" >&2; exit 2; }
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/common.sh
 . "$ROOT/scripts/common.sh"
-out=$(out_dir "$1")
-model=${2:-smollm2}
-shape=${SHAPE:-opt-1.3b}
-workdir=$(out_dir "${WORKDIR:-$out/synthetic-$shape}")
 export PROMPT_TOKENS=${PROMPT_TOKENS:-64} NEW_TOKENS=${NEW_TOKENS:-16}
-cd "$ROOT"
-
-ensure_jax tpu "${JAX_SPEC:-jax[tpu]}"
-require_device tpu "Run on a Cloud TPU VM; only one process at a time can hold the TPU."
-
-if step generate; then
-  generations "$out" "$model" "${BUDGET:-50%}" "${MAX_TOKENS:-64}"
-fi
-synthetic_benchmarks "$out" "$shape" "$workdir"
-log "results in $out"
+run_accelerator tpu "${JAX_SPEC:-jax[tpu]}" "${SHAPE:-opt-1.3b}" \
+  "Run on a Cloud TPU VM; only one process at a time can hold the TPU." "$@"

@@ -1,6 +1,5 @@
 """The flash engine: FFN neurons read from disk equal the dense engine, within the memory budget."""
 
-import numpy as np
 import pytest
 
 from conftest import build_tiny, calibrated_copy, drain_tokens, random_ids

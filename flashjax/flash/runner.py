@@ -28,6 +28,7 @@ from flashjax.flash.budget import BudgetTooSmallError, dense_weight_bytes, parse
 from flashjax.flash.prefetch import Prefetcher
 from flashjax.flash.selection import NaiveSelector, OracleSelector
 from flashjax.flash.shards import NeuronPartition, ShardPlacer, make_mesh
+from flashjax.store.ffn_store import block_neurons
 from flashjax.model.transformer import init_kv_cache
 from flashjax.sampling import SamplingParams
 
@@ -95,11 +96,7 @@ def _scratch_bucket(n: int, limit: int) -> int:
 
 def _whole_blocks(ids: np.ndarray, block: int, n: int) -> np.ndarray:
     """Every neuron id in the blocks that hold `ids` (sorted)."""
-    if block == 1 or len(ids) == 0:
-        return ids
-    starts = np.unique(ids // block) * block
-    full = (starts[:, None] + np.arange(block)[None]).ravel()
-    return full[full < n]
+    return ids if block == 1 or len(ids) == 0 else block_neurons(np.unique(ids // block), block, n)
 
 
 class FlashRunner:
@@ -265,11 +262,14 @@ class FlashRunner:
         """Each device's cache of layer l takes its share of `needed` (global ids): [CacheUpdate]."""
         return [cache.step(ids) for cache, ids in zip(self.caches[l], self.partition.split(needed))]
 
+    def _local_ids(self, per_device: list[np.ndarray]) -> np.ndarray:
+        """Each device's local ids -> the global ids this process reads, ascending. Across hosts a
+        process reads only its own devices' records."""
+        return self.partition.join([ids if self.placer.is_local(s) else ids[:0] for s, ids in enumerate(per_device)])
+
     def _read_ids(self, updates: list) -> np.ndarray:
-        """Global ids to read for these updates, ascending: device 0's loads then scratch, device 1's, ...
-        Across hosts, only the devices of this process."""
-        return self.partition.join([u.read_ids if self.placer.is_local(s) else u.read_ids[:0]
-                                    for s, u in enumerate(updates)])
+        """Global ids to read for these updates: device 0's loads then scratch, device 1's, ..."""
+        return self._local_ids([u.read_ids for u in updates])
 
     def _uncached(self, l: int, ids: np.ndarray) -> np.ndarray:
         """The global `ids` that layer l's caches do not hold."""
@@ -343,8 +343,7 @@ class FlashRunner:
                 stats["needed"] += len(needed)
             else:
                 updates.append(None)
-                read_ids.append(self.partition.join([ids if self.placer.is_local(s) else ids[:0]
-                                                     for s, ids in enumerate(self.partition.split(needed))]))
+                read_ids.append(self._local_ids(self.partition.split(needed)))
         stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
         return updates, read_ids
 

@@ -54,6 +54,22 @@ def plan_blocks(ids: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     return blocks, rows
 
 
+def check_neuron_ids(ids, layer: int, d_ffn: int, n_layers: int) -> np.ndarray:
+    """`ids` as int64, after checking they are sorted, unique and in range, and `layer` exists."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if len(ids) and (ids[0] < 0 or ids[-1] >= d_ffn or np.any(ids[1:] <= ids[:-1])):
+        raise ValueError(f"neuron ids must be sorted, unique and in [0, {d_ffn}); got {ids[:8]}...")
+    if not 0 <= layer < n_layers:
+        raise IndexError(f"layer {layer} out of range (the model has {n_layers})")
+    return ids
+
+
+def block_neurons(blocks: np.ndarray, block: int, d_ffn: int) -> np.ndarray:
+    """Every neuron id of the sorted `blocks` (the last block of a layer may be short)."""
+    ids = (np.asarray(blocks)[:, None] * block + np.arange(block)).reshape(-1)
+    return ids[ids < d_ffn]
+
+
 class PendingRead:
     """Reads of one layer in flight. `result()` waits for them and returns the records asked for."""
 
@@ -131,11 +147,7 @@ class FFNStore:
 
     def read_neurons_async(self, layer: int, ids) -> PendingRead:
         """Issues the reads of neurons `ids` (sorted, unique) of `layer` and returns at once."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) and (ids[0] < 0 or ids[-1] >= self.d_ffn or np.any(ids[1:] <= ids[:-1])):
-            raise ValueError(f"neuron ids must be sorted, unique and in [0, {self.d_ffn}); got {ids[:8]}...")
-        if not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} out of range (the model has {self.n_layers})")
+        ids = check_neuron_ids(ids, layer, self.d_ffn, self.n_layers)
         blocks, rows = plan_blocks(ids, self.ffn_block)
         arrays = self._arrays[layer] if len(blocks) else []
         ranges = int(np.count_nonzero(np.diff(blocks) > 1)) + 1 if len(blocks) else 0
@@ -195,5 +207,6 @@ def verify_files(model_dir: str, manifest: Manifest) -> None:
     manifest.resident_files.check(model_dir, "resident parameters")
 
 
-__all__ = ["FFNStore", "PendingRead", "ReadStats", "StoreChecksumError", "evict_page_cache", "plan_blocks",
+__all__ = ["FFNStore", "PendingRead", "ReadStats", "StoreChecksumError", "block_neurons", "check_neuron_ids",
+           "evict_page_cache", "plan_blocks",
            "verify_files"]

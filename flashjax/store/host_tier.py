@@ -27,7 +27,7 @@ import threading
 import numpy as np
 
 from flashjax.flash.budget import BudgetTooSmallError, parse_budget
-from flashjax.store.ffn_store import FFNStore, ReadStats, plan_blocks
+from flashjax.store.ffn_store import FFNStore, ReadStats, block_neurons, check_neuron_ids, plan_blocks
 from flashjax.store.zarr_io import n_blocks
 
 
@@ -79,11 +79,7 @@ class HostTierStore:
     def read_neurons_async(self, layer: int, ids) -> "HostTierRead":
         """Issues the disk read of the blocks of `ids` (sorted, unique) not in host RAM, copies out
         those that are, and returns at once."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) and (ids[0] < 0 or ids[-1] >= self.d_ffn or np.any(ids[1:] <= ids[:-1])):
-            raise ValueError(f"neuron ids must be sorted, unique and in [0, {self.d_ffn}); got {ids[:8]}...")
-        if not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} out of range (the model has {self.n_layers})")
+        ids = check_neuron_ids(ids, layer, self.d_ffn, self.n_layers)
         blocks, rows = plan_blocks(ids, self.ffn_block)
         rank, offset = rows // self.ffn_block, ids % self.ffn_block  # each id's block among `blocks`
         cache = self._layers[layer]
@@ -91,8 +87,7 @@ class HostTierStore:
             slots = cache.slot_of_block[blocks]
             missing = blocks[slots < 0]
             # Whole missing blocks in one store read; only the layer's last block can be short.
-            read_ids = (missing[:, None] * self.ffn_block + np.arange(self.ffn_block)).reshape(-1)
-            read_ids = read_ids[read_ids < self.d_ffn]
+            read_ids = block_neurons(missing, self.ffn_block, self.d_ffn)
             disk = self._store.read_neurons_async(layer, read_ids) if len(missing) else None
             out, hit = None, slots[rank] >= 0
             if hit.any():
