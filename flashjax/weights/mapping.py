@@ -2,7 +2,8 @@
 
 Each row: (flashjax path, Hugging Face name, GGUF name, needed-when). `{i}` is
 the layer index. A per-tensor hook (`_gguf_unpermute`) undoes the reordering
-llama.cpp applies to q/k projections; everything else is copied as stored.
+llama.cpp's converter applies to q/k projections of the architectures listed in
+`GGUF_ROTARY_INTERLEAVED`; everything else is copied as stored.
 All weight matrices keep the Hugging Face layout [out_features, in_features].
 """
 
@@ -69,6 +70,19 @@ OPT_TABLE = [
 ]
 
 
+# Whether llama.cpp's converter (convert_hf_to_gguf.py) interleaved the two rotary halves of each
+# head's attn_q/attn_k rows, per flashjax architecture read from GGUF. Its `LlamaModel.permute` runs
+# only for the Llama family (LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM; GGUF
+# architecture "llama"), whose ggml RoPE rotates adjacent pairs. Qwen2 (and Qwen2-MoE, Qwen3,
+# Qwen3-MoE, Gemma 3, Phi-3, OLMoE) use ggml's NEOX rotation and are stored as Hugging Face stores
+# them. transformers' own GGUF loader reverses the permutation for "llama" only, in agreement.
+GGUF_ROTARY_INTERLEAVED = {
+    "llama": True,
+    "mistral": True,
+    "qwen2": False,
+}
+
+
 def expected_shape(cfg: ModelConfig, path: str) -> tuple[int, ...]:
     """The shape flashjax needs for a parameter path (after any hook)."""
     d, f, hd, v = cfg.d_model, cfg.d_ffn, cfg.head_dim, cfg.vocab_size
@@ -93,6 +107,18 @@ def _gguf_unpermute(n_heads: int) -> Callable[[np.ndarray], np.ndarray]:
     return hook
 
 
+def _gguf_hook(cfg: ModelConfig, path: str) -> Callable | None:
+    if cfg.architecture not in GGUF_ROTARY_INTERLEAVED:
+        raise ValueError(f"no GGUF q/k layout rule for architecture {cfg.architecture}")
+    if not GGUF_ROTARY_INTERLEAVED[cfg.architecture]:
+        return None
+    if path.endswith(("attn.wq", "attn.bq")):
+        return _gguf_unpermute(cfg.n_heads)
+    if path.endswith(("attn.wk", "attn.bk")):
+        return _gguf_unpermute(cfg.n_kv_heads)
+    return None
+
+
 def tensor_plan(cfg: ModelConfig, fmt: str) -> Iterator[tuple[str, str, Callable | None]]:
     """Yields (flashjax path, checkpoint name, hook) for every tensor the model needs.
 
@@ -106,11 +132,7 @@ def tensor_plan(cfg: ModelConfig, fmt: str) -> Iterator[tuple[str, str, Callable
             continue
         if name is None:
             raise ValueError(f"{path} has no {fmt} name for architecture {cfg.architecture}")
-        hook = None
-        if fmt == "gguf" and path.endswith(("attn.wq", "attn.bq")):
-            hook = _gguf_unpermute(cfg.n_heads)
-        elif fmt == "gguf" and path.endswith(("attn.wk", "attn.bk")):
-            hook = _gguf_unpermute(cfg.n_kv_heads)
+        hook = _gguf_hook(cfg, path) if fmt == "gguf" else None
         layers = range(cfg.n_layers) if "{i}" in path else [None]
         for i in layers:
             if i is None:
