@@ -1,7 +1,7 @@
 """Jitted pieces of the flash engine's per-layer step.
 
 Each layer's neuron cache lives on the devices as one buffer per record part
-({"gate": [S*C, D], "up": [S*C, D], "down": [S*C, D], "b_up": [S*C, 1]}, split
+({"gate": [S*C, D], "up": [S*C, D], "down": [S*C, D], "b_gate"/"b_up": [S*C, 1]}, split
 by device over the ("neurons",) mesh, S devices of C rows each: see
 flash/shards.py), so the FFN dots read contiguous matrices; rows 0..count-1
 of each device's part are live. Updates arrive padded
@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from flashjax.config import ModelConfig
 from flashjax.flash.shards import NEURONS
-from flashjax.model.layers import ffn_activation
+from flashjax.model.layers import ffn_over_neurons
 from flashjax.model.transformer import attention_block, embed, ffn_input, final_logits, inverse_frequencies
 from flashjax.sampling import sample
 
@@ -40,14 +40,7 @@ def attention_step(cfg: ModelConfig, layer, x, positions, start, kv):
 
 def _rows_ffn(cfg: ModelConfig, parts: dict, valid, h):
     """FFN contribution of the neurons in `parts` (rows where `valid`) for inputs h [B, T, D]."""
-    # [B, T, N]
-    up = jnp.einsum("btd,nd->btn", h, parts["up"])
-    if "b_up" in parts:
-        up = up + parts["b_up"][:, 0]
-    gate = jnp.einsum("btd,nd->btn", h, parts["gate"]) if cfg.is_glu else None
-    act = jnp.where(valid, ffn_activation(cfg, gate, up), 0.0)
-    # [B, T, D]
-    return jnp.einsum("btn,nd->btd", act, parts["down"])
+    return ffn_over_neurons(cfg, h, parts, live=valid)
 
 
 def split_records(rows, part_slices, dtype):

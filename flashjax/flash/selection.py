@@ -14,7 +14,7 @@ import numpy as np
 
 from flashjax.config import ModelConfig
 from flashjax.engine import _round_up
-from flashjax.model.layers import ffn_activation
+from flashjax.model.layers import dense_ffn_apply
 from flashjax.model.transformer import forward, init_kv_cache
 
 SPARSITY_MODES = ("dense", "naive", "hybrid", "oracle", "predictor", "gate")
@@ -44,12 +44,7 @@ def _activations_step(cfg: ModelConfig, params, tokens, start, cache):
     acts = []
 
     def recording_ffn(c, p, h):
-        up = jnp.einsum("btd,fd->btf", h, p["w_up"]) + (p["b_up"] if "b_up" in p else 0.0)
-        gate = jnp.einsum("btd,fd->btf", h, p["w_gate"]) if c.is_glu else None
-        act = ffn_activation(c, gate, up)
-        acts.append(jnp.abs(act[0, -1]))
-        out = jnp.einsum("btf,df->btd", act, p["w_down"])
-        return out + p["b_down"] if "b_down" in p else out
+        return dense_ffn_apply(c, p, h, on_activations=lambda act: acts.append(jnp.abs(act[0, -1])))
 
     positions = start + jnp.arange(tokens.shape[1])[None]
     _, cache = forward(cfg, params, tokens, positions, start, cache, ffn=recording_ffn)

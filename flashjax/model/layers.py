@@ -136,27 +136,58 @@ def ffn_activation(cfg: ModelConfig, gate, up):
     return jax.nn.silu(gate) * up if cfg.is_glu else jax.nn.relu(up)
 
 
+def ffn_over_neurons(cfg: ModelConfig, h, neurons, live=None, on_activations=None):
+    """The FFN arithmetic, written once: the contribution of a set of neurons to the FFN output.
+
+    Every path calls this: the dense FFN (all neurons), the flash engine (cached or streamed rows),
+    activation collection and the oracle. `neurons` is neuron-major, the layout of a flash record:
+    {"up": [N, D], "down": [N, D] (row n = column n of Hugging Face's w_down), "gate": [N, D] for
+    gated FFNs, optional biases "b_up", "b_gate": [N] or [N, 1]}. The down-projection bias is not
+    per neuron and is added by the caller. `live` (bool [N]) zeroes padding rows;
+    `on_activations` sees the activations [B, T, N] (at trace time) for calibration and the oracle.
+    Returns [B, T, D] for h [B, T, D].
+    """
+
+    def projection(name):
+        # [B, T, N]
+        out = jnp.einsum("btd,nd->btn", h, neurons[name])
+        bias = neurons.get("b_" + name)
+        return out if bias is None else out + bias.reshape(-1)
+
+    gate = projection("gate") if cfg.is_glu else None
+    act = ffn_activation(cfg, gate, projection("up"))
+    if live is not None:
+        act = jnp.where(live, act, 0.0)
+    if on_activations is not None:
+        on_activations(act)
+    # [B, T, D]
+    return jnp.einsum("btn,nd->btd", act, neurons["down"])
+
+
+def dense_ffn_apply(cfg: ModelConfig, ffn_params, h, on_activations=None):
+    """The FFN with every neuron resident, from Hugging Face-layout parameters
+    {"w_up", "w_gate", "w_down" [D, F], "b_up", "b_gate", "b_down"}."""
+    # The transpose of w_down folds into the dot's dimension numbers; nothing is copied.
+    neurons = {"up": ffn_params["w_up"], "down": ffn_params["w_down"].T}
+    for ours, theirs in (("gate", "w_gate"), ("b_up", "b_up"), ("b_gate", "b_gate")):
+        if theirs in ffn_params:
+            neurons[ours] = ffn_params[theirs]
+    out = ffn_over_neurons(cfg, h, neurons, on_activations=on_activations)
+    return out + ffn_params["b_down"] if "b_down" in ffn_params else out
+
+
 class DenseFFN(nn.Module):
-    """The feed-forward block with every neuron resident."""
+    """The feed-forward block with every neuron resident (declares the parameters it reads)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, h):
         c = self.cfg
-        w_up = _declared(self, "w_up", (c.d_ffn, c.d_model))
-        # [B, T, F]
-        up = jnp.einsum("btd,fd->btf", h, w_up)
-        if c.ffn_bias:
-            up = up + _declared(self, "b_up", (c.d_ffn,))
-        gate = None
+        f, d = c.d_ffn, c.d_model
+        shapes = {"w_up": (f, d), "w_down": (d, f)}
         if c.is_glu:
-            gate = jnp.einsum("btd,fd->btf", h, _declared(self, "w_gate", (c.d_ffn, c.d_model)))
-            if c.ffn_bias:
-                gate = gate + _declared(self, "b_gate", (c.d_ffn,))
-        act = ffn_activation(c, gate, up)
-        # [B, T, D]
-        out = jnp.einsum("btf,df->btd", act, _declared(self, "w_down", (c.d_model, c.d_ffn)))
+            shapes["w_gate"] = (f, d)
         if c.ffn_bias:
-            out = out + _declared(self, "b_down", (c.d_model,))
-        return out
+            shapes.update(b_up=(f,), b_down=(d,), **({"b_gate": (f,)} if c.is_glu else {}))
+        return dense_ffn_apply(c, {name: _declared(self, name, shape) for name, shape in shapes.items()}, h)

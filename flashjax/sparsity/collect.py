@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flashjax.config import ModelConfig
-from flashjax.model.layers import ffn_activation
+from flashjax.model.layers import dense_ffn_apply
 from flashjax.model.transformer import embed, final_logits, forward, init_kv_cache
 
 # Above this many bytes of float32 activations, the collected arrays are stored as float16.
@@ -68,19 +68,10 @@ class Activations:
 
 
 def _record_ffn(record: list):
-    """A dense FFN (as in model.layers.DenseFFN) that also appends each call's (h, |activation|)."""
+    """The dense FFN that also appends each call's (h, |activation|)."""
 
     def ffn(c: ModelConfig, p, h):
-        # [B, T, F]
-        up = jnp.einsum("btd,fd->btf", h, p["w_up"]) + (p["b_up"] if "b_up" in p else 0.0)
-        gate = None
-        if c.is_glu:
-            gate = jnp.einsum("btd,fd->btf", h, p["w_gate"]) + (p["b_gate"] if "b_gate" in p else 0.0)
-        act = ffn_activation(c, gate, up)
-        record.append((h, jnp.abs(act)))
-        # [B, T, D]
-        out = jnp.einsum("btf,df->btd", act, p["w_down"])
-        return out + p["b_down"] if "b_down" in p else out
+        return dense_ffn_apply(c, p, h, on_activations=lambda act: record.append((h, jnp.abs(act))))
 
     return ffn
 
