@@ -32,6 +32,10 @@ TINY = {
 }
 TINY_COMMON = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
                    max_position_embeddings=64)
+# The default initialisation (std 0.02) makes attention scores tiny and softmax nearly uniform, so a
+# RoPE, scaling or norm mistake could move logits by less than the tolerance. Scaling the query and
+# key projections by this factor each makes scores O(1-10): attention is peaked.
+QK_SCALE = 12.0
 
 
 def build_tiny(name: str, directory: pathlib.Path):
@@ -50,6 +54,8 @@ def build_tiny(name: str, directory: pathlib.Path):
         for pname, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
+            if pname.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(QK_SCALE)
     model.save_pretrained(directory)
     return model
 
@@ -86,6 +92,16 @@ def reference_default(default_gguf):
     model = AutoModelForCausalLM.from_pretrained(default_gguf.parent, dtype=torch.float32, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(default_gguf.parent, **kwargs)
     return model, tokenizer
+
+
+def attention_peak(model, ids) -> float:
+    """Mean over layers, heads and query positions (past the first few) of the largest attention
+    probability: about 1/position for uniform attention, near 1 for peaked."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor(np.asarray(ids)[None].astype(np.int64)), output_attentions=True)
+    return float(np.mean([a[0, :, 4:].max(-1).values.mean().item() for a in out.attentions]))
 
 
 def random_ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:

@@ -85,3 +85,35 @@ def test_no_recompile_per_token(tiny_model):
     list(llm.generate_ids(prompt, max_tokens=30, sampling=SamplingParams(temperature=1.3, top_k=0, seed=4),
                           stop_at_eos=False))
     assert llm.runner.compile_count() == after_sampling
+
+
+def test_tiny_models_attend_sharply(tiny_model):
+    """Near-uniform attention would hide RoPE, scaling and norm mistakes under the tolerance."""
+    from conftest import attention_peak
+
+    name, _, reference = tiny_model
+    reference.config._attn_implementation = "eager"  # the attention probabilities are only returned by eager
+    peak = attention_peak(reference, random_ids(24, reference.config.vocab_size, seed=1))
+    # Uniform attention over the 5th..24th positions would give a peak of about 0.07.
+    assert peak > 0.3, f"{name}: mean largest attention probability {peak:.3f}"
+
+
+@pytest.mark.parametrize("wrong", ["rope_theta", "norm_eps"])
+def test_parity_fails_for_a_wrong_model_detail(tiny_model, wrong):
+    """The parity comparison is sharp: a RoPE base off by 2x, or a norm epsilon off by 1000x, fails it
+    by at least ten times the tolerance."""
+    import dataclasses
+
+    from flashjax.api import LLM
+
+    name, directory, reference = tiny_model
+    cfg, params = _load(directory)
+    if wrong == "rope_theta" and not cfg.uses_rope:
+        pytest.skip("OPT has learned positions, no RoPE")
+    if wrong == "rope_theta":
+        cfg = dataclasses.replace(cfg, rope_theta=cfg.rope_theta * 2)
+    else:
+        cfg = dataclasses.replace(cfg, norm_eps=cfg.norm_eps * 1e3)
+    ids = random_ids(24, cfg.vocab_size, seed=1)
+    error = np.abs(LLM(cfg, params, None).logits(ids) - _reference_logits(reference, ids)).max()
+    assert error > 10 * TOL, f"{name}: a wrong {wrong} moved logits by only {error:.2e}"
