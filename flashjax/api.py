@@ -19,7 +19,7 @@ from flashjax.config import EngineConfig, ModelConfig
 from flashjax.engine import DenseRunner, GenerationResult, _all_logits, generate_tokens
 from flashjax.model.params import load_params, tree_nbytes
 from flashjax.model.transformer import init_kv_cache
-from flashjax.sampling import SamplingParams
+from flashjax.sampling import SamplingParams, check_max_tokens
 from flashjax.weights import open_model_source
 
 
@@ -117,6 +117,7 @@ class LLM:
     def generate_ids(self, prompt_ids: Sequence[int], *, max_tokens: int = 256,
                      sampling: SamplingParams = SamplingParams(), stop_at_eos: bool = True):
         """Generator of token ids; its return value (StopIteration.value) is the stats dict."""
+        max_tokens = check_max_tokens(max_tokens)
         eos = self.eos_token_ids if stop_at_eos else ()
         return generate_tokens(self.runner, self.config, self.engine_config, prompt_ids, max_tokens, sampling, eos)
 
@@ -138,12 +139,13 @@ class LLM:
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
                ) -> Iterator[StreamChunk]:
         """Streams a continuation of the raw prompt (text or token ids)."""
+        max_tokens, sampling = check_max_tokens(max_tokens), SamplingParams(temperature, top_k, top_p, seed)
         self._require_tokenizer()
         if isinstance(prompt, str):
             prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             prompt_ids = [int(t) for t in prompt]
-        return self._stream(prompt_ids, max_tokens, SamplingParams(temperature, top_k, top_p, seed), stop_at_eos)
+        return self._stream(prompt_ids, max_tokens, sampling, stop_at_eos)
 
     def generate(self, prompt: str | Sequence[int], **options) -> GenerationResult:
         """Like `stream`, but returns the whole result at once."""

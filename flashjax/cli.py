@@ -64,6 +64,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_options(args) -> dict:
+    """The generation options, checked here so that a bad one fails before any weight is read."""
+    from flashjax.config import EngineConfig
+    from flashjax.sampling import SamplingParams, check_max_tokens
+
+    check_max_tokens(args.max_tokens)
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    EngineConfig(compute_dtype=args.dtype, max_context=args.max_context)
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 seed=args.seed)
 
@@ -138,18 +145,20 @@ def _report(result, as_json: bool) -> None:
 
 
 def cmd_generate(args) -> int:
+    options = _sampling_options(args)
     llm = _load(args)
-    result = _emit(llm.stream(args.prompt, **_sampling_options(args)), args.json)
+    result = _emit(llm.stream(args.prompt, **options), args.json)
     _report(result, args.json)
     return 0
 
 
 def cmd_chat(args) -> int:
+    options = _sampling_options(args)
     llm = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         messages.append({"role": "user", "content": args.prompt})
-        result = _emit(llm.stream_chat(messages, **_sampling_options(args)), args.json)
+        result = _emit(llm.stream_chat(messages, **options), args.json)
         _report(result, args.json)
         return 0
     # Interactive: keep the conversation; an empty line or EOF ends it.
@@ -162,7 +171,7 @@ def cmd_chat(args) -> int:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        result = _emit(llm.stream_chat(messages, **_sampling_options(args)), False)
+        result = _emit(llm.stream_chat(messages, **options), False)
         messages.append({"role": "assistant", "content": result.text})
         _report(result, False)
     return 0
@@ -187,8 +196,9 @@ def _engine_line(r: dict) -> str:
 
 
 def cmd_eval_ppl(args) -> int:
-    from flashjax.evaluate import perplexity
+    from flashjax.evaluate import check_perplexity_arguments, perplexity
 
+    check_perplexity_arguments(args.context, args.stride, args.max_tokens)
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
     llm = _load(args)

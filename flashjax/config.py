@@ -186,3 +186,13 @@ class EngineConfig:
     cache_block: int = 256
     # Prompts are padded up to a multiple of this before prefill, bounding the number of compiles.
     prefill_block: int = 64
+
+    def __post_init__(self):
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"compute dtype must be float32, bfloat16 or float16, not {self.compute_dtype!r}")
+        # Two tokens at least: one of prompt and one generated.
+        if self.max_context is not None and (isinstance(self.max_context, bool)
+                                             or not isinstance(self.max_context, int) or self.max_context < 2):
+            raise ValueError(f"max_context must be an integer of at least 2 tokens, got {self.max_context!r}")
+        if self.cache_block < 1 or self.prefill_block < 1:
+            raise ValueError("cache_block and prefill_block must be at least 1")

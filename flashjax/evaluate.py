@@ -270,14 +270,21 @@ class Window:
         return self.end - self.score_from
 
 
-def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
-    """The Hugging Face sliding-window scheme: windows begin every `stride` tokens, each at most
-    `context` long, and score the tokens not scored before (never a window's own first token, so with
-    stride < context every token but the text's first is scored exactly once)."""
+def check_perplexity_arguments(context: int, stride: int, max_tokens: int | None = None) -> None:
+    """The window and length arguments of `perplexity`, checked before any weight is read."""
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens, got {context}")
     if not 1 <= stride <= context:
         raise ValueError(f"stride must be between 1 and the context ({context}), got {stride}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    """The Hugging Face sliding-window scheme: windows begin every `stride` tokens, each at most
+    `context` long, and score the tokens not scored before (never a window's own first token, so with
+    stride < context every token but the text's first is scored exactly once)."""
+    check_perplexity_arguments(context, stride)
     windows, prev_end = [], 0
     for begin in range(0, max(n_tokens - 1, 0), stride):
         end = min(begin + context, n_tokens)
@@ -304,9 +311,8 @@ def perplexity(llm, text: str | Sequence[int], context: int = 512, stride: int =
         ids = encode_text(llm, text)
     else:
         ids = [int(t) for t in text]
+    check_perplexity_arguments(context, stride, max_tokens)
     if max_tokens is not None:
-        if max_tokens < 2:
-            raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens; the text has {len(ids)}")

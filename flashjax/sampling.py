@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -18,16 +20,41 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
+        _check_number("temperature", self.temperature)
+        _check_integer("top_k", self.top_k)
+        _check_number("top_p", self.top_p)
+        _check_integer("seed", self.seed)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def check_max_tokens(max_tokens) -> int:
+    """The number of tokens a request may generate: an integer of at least 1 (the context may cap it)."""
+    _check_integer("max_tokens", max_tokens)
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    return int(max_tokens)
+
+
+def _check_integer(name: str, value) -> None:
+    # bool is an int subclass, and True as a token count is a mistake, not a 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def sample(logits, key, temperature, top_k, top_p, greedy: bool):

@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the file and tensor, and nothing is modified."""
 
 import json
+import re
 import os
 import shutil
 
@@ -128,3 +129,56 @@ def test_gguf_with_unsupported_architecture(tmp_path):
     writer.close()
     with pytest.raises(UnsupportedModelError, match="'gpt2'.*supported"):
         open_model_source(path)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("args,message", [
+    (["--max-tokens", "-5"], "max_tokens must be at least 1, got -5"),
+    (["--max-tokens", "0"], "max_tokens must be at least 1, got 0"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "nan"], "temperature must be a finite number"),
+    (["--top-p", "5"], r"top_p must be in \(0, 1\]"),
+    (["--top-k", "-2"], "top_k must be >= 0"),
+    (["--seed", "-1"], r"seed must be in \[0, 2\*\*32\)"),
+    (["--max-context", "0"], "max_context must be an integer of at least 2"),
+])
+def test_bad_generation_arguments_fail_before_any_weight_is_read(command, args, message, tmp_path, capsys):
+    """The model path does not exist: the argument's own error (not the missing model's) proves the
+    check ran before anything was opened; one line, exit status 2, no traceback."""
+    from flashjax.cli import main
+
+    missing = str(tmp_path / "no-model-here")
+    assert main([command, "--model", missing, "--prompt", "hi", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("flashjax: error: ")
+    assert re.search(message, err), err
+    assert missing not in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--context", "1"], "context must be at least 2"), (["--stride", "0"], "stride must be between"),
+    (["--max-tokens", "1"], "max_tokens must be at least 2")])
+def test_bad_eval_arguments_fail_before_any_weight_is_read(args, message, tmp_path, capsys):
+    from flashjax.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("some words to score")
+    assert main(["eval", "ppl", "--model", str(tmp_path / "no-model-here"), "--text", str(text), *args]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_python_api_checks_the_same_arguments(tiny_dir):
+    import flashjax
+    from flashjax.sampling import SamplingParams
+
+    llm = flashjax.load(str(tiny_dir), progress=False)
+    with pytest.raises(ValueError, match="max_tokens must be at least 1"):
+        llm.generate_ids([1, 2, 3], max_tokens=-5)
+    with pytest.raises(ValueError, match="max_tokens must be an integer"):
+        llm.generate_ids([1, 2, 3], max_tokens=2.5)
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        SamplingParams(top_k="3")
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        SamplingParams(temperature=float("inf"))
+    # Nothing was started: the engine still generates after the refusals.
+    assert len(list(llm.generate_ids([1, 2, 3], max_tokens=3, stop_at_eos=False))) == 3
