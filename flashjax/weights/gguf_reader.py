@@ -71,6 +71,9 @@ class GGUFFile:
         d_model = int(need("embedding_length"))
         vocab = self.field(f"{arch}.vocab_size")
         if vocab is None:
+            if "tokenizer.ggml.tokens" not in self._reader.fields:
+                raise CheckpointError(f"{self.path}: GGUF metadata has neither {arch}.vocab_size nor "
+                                      f"tokenizer.ggml.tokens, so the vocabulary size is unknown")
             vocab = len(self._reader.fields["tokenizer.ggml.tokens"].data)
         head_dim = int(self.field(f"{arch}.attention.key_length") or d_model // n_heads)
         scaling = None

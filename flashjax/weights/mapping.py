@@ -76,9 +76,9 @@ OPT_TABLE = [
 # architecture "llama"), whose ggml RoPE rotates adjacent pairs. Qwen2 (and Qwen2-MoE, Qwen3,
 # Qwen3-MoE, Gemma 3, Phi-3, OLMoE) use ggml's NEOX rotation and are stored as Hugging Face stores
 # them. transformers' own GGUF loader reverses the permutation for "llama" only, in agreement.
+# (Mistral GGUF files are written as "llama" and read as flashjax's "llama".)
 GGUF_ROTARY_INTERLEAVED = {
     "llama": True,
-    "mistral": True,
     "qwen2": False,
 }
 
