@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -194,7 +195,6 @@ def test_no_reallocation():
 
 def test_moves_as_one_fused_scatter_in_jax():
     """The engine's path: moves and loads fused into one scatter, as the CacheUpdate docstring allows."""
-    jnp = pytest.importorskip("jax.numpy")
     n, cap = 30, 12
     cache = LayerNeuronCache(cap, n, window=2)
     src = source_rows(n).astype(np.float32)

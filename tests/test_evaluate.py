@@ -2,6 +2,7 @@
 
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
@@ -357,15 +358,23 @@ PROSE = ("The Python standard library is very extensive, offering a wide range o
 
 
 @pytest.mark.slow
-def test_cli_eval_ppl_default_model_json(default_gguf, tmp_path):
-    text = tmp_path / "prose.txt"
-    text.write_text(PROSE)
+def test_cli_eval_ppl_default_model_json(default_gguf, default_llm, reference_default):
+    """`flashjax eval ppl --json` on the real default model, at the default context (512) and stride
+    (256), equals transformers' sliding-window perplexity (the same GGUF, the Hugging Face guide's
+    loop) over the same tokens and windows: the first 600 tokens of the repository's README, so two
+    windows. The ids are flashjax's own (encode_text): its tokenizer deliberately follows SmolLM2's
+    original digit splitting where transformers' GGUF conversion does not (see test_tokenizer)."""
+    text = pathlib.Path(__file__).resolve().parents[1] / "README.md"
     run = subprocess.run([sys.executable, "-m", "flashjax.cli", "eval", "ppl", "--model", str(default_gguf),
-                          "--text", str(text), "--max-tokens", "64", "--json"], capture_output=True, text=True)
+                          "--text", str(text), "--max-tokens", "600", "--json"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["n_tokens"] == 63 and result["context"] == 512 and result["stride"] == 256
-    assert 1 < result["ppl"] < 100  # real English prose, a real model
+    ids = encode_text(default_llm, text.read_text(encoding="utf-8"))[:600]
+    assert len(ids) == result["text_tokens"] == 600
+    ppl, n_tokens, windows = _hf_perplexity(reference_default[0], ids, 512, 256)
+    assert (result["context"], result["stride"]) == (512, 256)
+    assert result["n_tokens"] == n_tokens == 599 and result["windows"] == windows == 2
+    assert result["ppl"] == pytest.approx(ppl, rel=1e-3)
 
 
 @pytest.mark.slow

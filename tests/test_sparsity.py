@@ -1,5 +1,6 @@
 """Sparsity predictors: collection, thresholds, training, selection, the gate path, storage."""
 
+import ast
 import json
 import os
 import pathlib
@@ -9,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import build_tiny, random_ids
+from _refs import FlashRecorder, assert_same_choice, ffn_weights, masked_ffn, preactivations, sigmoid, silu
+from conftest import build_tiny, drain_tokens, random_ids
+
+import flashjax
 
 from flashjax.model.params import load_params
 from flashjax.sparsity import (GateSelector, Predictors, PredictorsError, Selection, activation_thresholds,
@@ -18,9 +22,6 @@ from flashjax.sparsity import (GateSelector, Predictors, PredictorsError, Select
                                token_sequences)
 from flashjax.sparsity.storage import PREDICTORS_DIR
 from flashjax.store import convert, open_flash_source
-
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def _calib_ids(n=3000, seed=1):
     return [random_ids(n, 128, seed=seed).tolist()]
@@ -210,16 +211,6 @@ def test_gate_path(tiny, tmp_path):
             calibrate(flash, token_ids=_calib_ids(), tokens=256, seq_len=64, kind="gate", progress=False, save=False)
         return
     ffn = {k: np.asarray(v) for k, v in params["layers"][0]["ffn"].items()}
-    h = np.random.RandomState(1).randn(1, 2, cfg.d_model).astype(np.float32)
-    # Threshold 0: every neuron kept, so the FFN over the kept rows equals the dense FFN.
-    ids = gate_keep_ids(ffn["w_gate"], h, 0.0)
-    assert ids.tolist() == list(range(cfg.d_ffn))
-
-    def ffn_rows(keep):
-        g = h @ ffn["w_gate"][keep].T
-        return (g / (1 + np.exp(-g)) * (h @ ffn["w_up"][keep].T)) @ ffn["w_down"][:, keep].T
-
-    np.testing.assert_allclose(ffn_rows(ids), ffn_rows(np.arange(cfg.d_ffn)), rtol=1e-6)
 
     # Calibrated thresholds drop the target share of |silu(gate)| on the calibration inputs.
     acts = collect_activations(cfg, params, token_sequences(_calib_ids(), 64), max_tokens=512, progress=False)
@@ -228,7 +219,21 @@ def test_gate_path(tiny, tmp_path):
     assert abs(np.mean(np.abs(g / (1 + np.exp(-g))) <= thr) - 0.5) < 1e-3
     assert gate_threshold(acts[0].x, ffn["w_gate"], None) == 0.0
 
+    # At that threshold, on FFN inputs calibration never saw, gate_keep_ids keeps exactly the neurons
+    # whose |silu(gate)| (numpy, from the raw weights) clears it for any of the tokens: a strict,
+    # non-empty subset.
+    held_out = collect_activations(cfg, params, token_sequences([random_ids(128, 128, seed=9).tolist()], 64),
+                                   max_tokens=32, progress=False)
+    w = ffn_weights(params, 0)
+    for pair in np.asarray(held_out[0].x, np.float32).reshape(-1, 2, cfg.d_model)[:8]:
+        ids = gate_keep_ids(ffn["w_gate"], pair[None], thr)
+        gate, _ = preactivations(w, pair)
+        magnitude = np.abs(silu(gate)).max(axis=0)  # [F]: the union over the two tokens
+        assert_same_choice(ids, magnitude > thr, magnitude, thr, 1e-5, "gate_keep_ids")
+        assert 0 < len(ids) < cfg.d_ffn
+
     # The stored gate thresholds through the Predictors and GateSelector APIs agree.
+    h = np.asarray(held_out[1].x[:2], np.float32)[None]
     selector = GateSelector.from_model(flash, pred.gate_thresholds)
     np.testing.assert_array_equal(selector.needed_ids(1, h), pred.gate_ids(1, h, selector.w_gate[1]))
     assert 0 < len(selector.needed_ids(1, h)) < cfg.d_ffn
@@ -242,6 +247,141 @@ def test_gate_path(tiny, tmp_path):
     np.testing.assert_array_equal(loaded.gate_thresholds, gate.gate_thresholds)
     with pytest.raises(PredictorsError, match="gate_ids"):
         loaded.needed_ids(0, h)
+
+
+# -- the engine's FFN over the chosen neurons, against numpy -----------------------------------------
+#
+# Each test decodes a few tokens with the flash engine at window 1 (the FFN then runs over exactly the
+# neurons chosen for the token) and checks, for every decode step and layer, against numpy written
+# here from the raw weights: which neurons were chosen, that they are a strict non-empty subset, and
+# that the engine's FFN output equals the numpy FFN masked to exactly those neurons.
+
+
+def _decode_recorded(flash, n=8, seed=21, **options):
+    """(prompt + generated ids, the FlashRecorder, stats) of n greedy tokens decoded at window 1."""
+    llm = flashjax.load(flash, window=1, **options)
+    recorder = FlashRecorder(llm)
+    prompt = random_ids(6, llm.config.vocab_size, seed=seed)
+    try:
+        tokens, stats = drain_tokens(llm, prompt, n)
+    finally:
+        llm.runner.close()
+    assert len(recorder.steps) == n - 1 and all(len(s["out"]) == llm.config.n_layers for s in recorder.steps)
+    return list(prompt) + tokens, recorder, stats
+
+
+def _assert_ffn_over(params, recorder):
+    """Every decode step and layer: the neurons the engine was given (recorder.used) are a strict,
+    non-empty subset, and its FFN output equals the numpy FFN masked to them, to 1e-4 of the output's
+    scale (the tiny models' FFN outputs are small). Returns the largest difference between the
+    engine's output and the unmasked (dense) FFN, in the same unit, so a caller can check whether the
+    masking mattered."""
+    dense_gap = 0.0
+    for step in recorder.steps:
+        for l, out in step["out"].items():
+            w, h, used = ffn_weights(params, l), step["h"][l], recorder.used(step, l)
+            assert 0 < len(used) < w["w_up"].shape[0], (step["pos"], l, len(used))
+            reference = masked_ffn(w, h, used)
+            scale = float(np.max(np.abs(reference)))
+            np.testing.assert_allclose(out, reference, rtol=0, atol=1e-4 * scale,
+                                       err_msg=f"pos {step['pos']} layer {l}")
+            dense_gap = max(dense_gap, float(np.max(np.abs(out - masked_ffn(w, h)))) / scale)
+    return dense_gap
+
+
+def test_gate_path_ffn_equals_numpy_masked_to_the_kept_neurons(tiny):
+    """The gate path in the engine at the calibrated thresholds (target 50%): each layer keeps the
+    neurons whose |silu(h W_gate^T + b_gate)| clears the layer's threshold, and the FFN is the numpy
+    FFN over those only, which differs from the dense FFN."""
+    name, flash, params, pred = tiny
+    if not pred.config.is_glu:
+        with pytest.raises(ValueError, match="SwiGLU"):
+            flashjax.load(flash, sparsity="gate")
+        return
+    _, recorder, _ = _decode_recorded(flash, sparsity="gate")
+    for step in recorder.steps:
+        for l, ids in step["needed"].items():
+            gate, _ = preactivations(ffn_weights(params, l), step["h"][l])
+            magnitude = np.abs(silu(gate))
+            thr = float(pred.gate_thresholds[l])
+            assert_same_choice(ids, magnitude > thr, magnitude, thr, 1e-5, f"gate pos {step['pos']} layer {l}")
+    assert _assert_ffn_over(params, recorder) > 0.05
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_predictor_ffn_equals_numpy_masked_to_the_selected_neurons(tiny, lookahead):
+    """The low-rank predictors in the engine at a real threshold (0.5): each layer reads the neurons
+    whose sigmoid(h a b + bias) > 0.5 (numpy, from the predictor's arrays), plus, with lookahead,
+    those predicted for it from the layer before; the FFN is the numpy FFN over exactly those."""
+    name, flash, params, pred = tiny
+    thr = 0.5
+    _, recorder, _ = _decode_recorded(flash, sparsity="predictor", predictor_threshold=thr, lookahead=lookahead)
+    n_ahead = 0
+    for step in recorder.steps:
+        for l, ids in step["needed"].items():
+            p = {k: np.asarray(v, np.float64) for k, v in pred.layers[l].items()}
+            scores = sigmoid(step["h"][l] @ p["a"] @ p["b"] + p["bias"])
+            assert_same_choice(ids, scores > thr, scores, thr, 1e-5, f"predictor pos {step['pos']} layer {l}")
+        for l, ids in step["ahead"].items():
+            p = {k: np.asarray(v, np.float64) for k, v in pred.lookahead[l].items()}
+            scores = sigmoid(step["h"][l - 1] @ p["a"] @ p["b"] + p["bias"])
+            assert_same_choice(ids, scores > thr, scores, thr, 1e-5, f"lookahead pos {step['pos']} layer {l}")
+            n_ahead += 1
+    assert n_ahead == (len(recorder.steps) * (pred.config.n_layers - 1) if lookahead else 0)
+    # A ReLU predictor misses some active neurons, a SwiGLU one drops small but nonzero ones: either
+    # way the FFN over the selection is not the dense FFN.
+    assert _assert_ffn_over(params, recorder) > 1e-3
+
+
+def test_oracle_selects_exactly_the_active_neurons(tiny):
+    """The oracle (calibrated thresholds: 0 for ReLU) against numpy on each layer's FFN input from a
+    dense forward of the same tokens: for OPT, exactly the neurons whose up projection + bias is
+    positive; for SwiGLU, those whose |silu(gate) * up| clears the layer's calibrated threshold. The
+    engine's FFN is then the numpy FFN over exactly those (for ReLU: the dense FFN)."""
+    name, flash, params, pred = tiny
+    cfg = pred.config
+    seq, recorder, _ = _decode_recorded(flash, n=12, sparsity="oracle", threshold="calibrated")
+    acts = collect_activations(cfg, params, [np.asarray(seq[:-1], np.int32)], max_tokens=len(seq), progress=False)
+    row_of = {int(p): i for i, p in enumerate(acts.position)}
+    for step in recorder.steps:
+        assert seq[step["pos"]] == step["token"]
+        for l, ids in step["needed"].items():
+            x = np.asarray(acts[l].x[row_of[step["pos"]]], np.float32)
+            gate, up = preactivations(ffn_weights(params, l), x)
+            if cfg.is_glu:
+                values, bound = np.abs(silu(gate) * up), float(pred.thresholds[l])
+            else:
+                assert pred.thresholds[l] == 0.0  # ReLU: active means positive
+                values, bound = up, 0.0
+            assert_same_choice(ids, values > bound, values, bound, 1e-5, f"oracle pos {step['pos']} layer {l}")
+    gap = _assert_ffn_over(params, recorder)
+    if cfg.is_glu:
+        assert gap > 0.05
+    else:
+        assert gap < 1e-5  # relu: the neurons left out contribute exactly nothing
+
+
+def test_windowing_strictly_reduces_reads_on_opt(tmp_path):
+    """OPT, oracle, the same tokens: a window of 4 keeps recent neurons cached, so fewer records and
+    fewer bytes are read per token than with a window of 1 (one neuron per block, so bytes count
+    neurons). ReLU makes the extra cached neurons contribute nothing: the tokens are the same."""
+    build_tiny("opt", tmp_path / "hf")
+    flash = str(tmp_path / "flash")
+    convert(str(tmp_path / "hf"), flash, dtype="float32", ffn_block=1, progress=False)
+    prompt = random_ids(6, 128, seed=7)
+    runs = {}
+    for window in (1, 4):
+        llm = flashjax.load(flash, sparsity="oracle", window=window)
+        try:
+            runs[window] = drain_tokens(llm, prompt, n=16)
+        finally:
+            llm.runner.close()
+    (t1, s1), (t4, s4) = runs[1], runs[4]
+    assert t1 == t4
+    assert s1["needed_neurons_per_token"] == s4["needed_neurons_per_token"] > 0
+    assert 0 < s4["neurons_read_per_token"] < s1["neurons_read_per_token"] <= s1["needed_neurons_per_token"]
+    assert 0 < s4["bytes_read_per_token"] < s1["bytes_read_per_token"]
+    assert s4["cache_hit_rate"] > s1["cache_hit_rate"]
 
 
 def test_self_generated_calibration_tokens(tiny):
@@ -263,15 +403,27 @@ def test_token_sequences_spread_over_the_stream():
         token_sequences([[]], 10)
 
 
+def _repository_text() -> str:
+    """English prose and technical text the repository ships: the README, the docs and the package's
+    docstrings (so a test on real text needs nothing outside the checkout)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    parts = [(root / "README.md").read_text(encoding="utf-8")]
+    parts += [p.read_text(encoding="utf-8") for p in sorted((root / "docs").glob("*.md"))]
+    for path in sorted((root / "flashjax").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        parts += [doc for doc in map(ast.get_docstring, nodes) if doc]
+    return "\n\n".join(parts)
+
+
 @pytest.mark.slow
 def test_default_model_gate_calibration(tmp_path):
-    """The real default model, on text from ../shared/data, gate kind (no training: quick)."""
-    text_file = SHARED_DATA / "calib_python_docstrings.txt"
-    if not text_file.is_file():
-        pytest.skip(f"{text_file} is not there")
+    """The real default model, on text the repository ships, gate kind (no training: quick)."""
+    text = _repository_text()
+    assert len(text) > 50_000
     flash = str(tmp_path / "smol")
     convert("smollm2", flash, progress=False)
-    pred = calibrate(flash, texts=[text_file.read_text()[:200_000]], tokens=1024, kind="gate", progress=False)
+    pred = calibrate(flash, texts=[text], tokens=1024, kind="gate", progress=False)
     assert pred.target_sparsity == 0.5 and len(pred.gate_thresholds) == 30
     for m in pred.metrics["gate"]:
         assert abs(m["selected"] - 0.5) < 0.1 and m["mass_recall"] > 0.7

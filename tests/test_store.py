@@ -1,12 +1,16 @@
 """The flash format: converter round trips, the bundled record layout, neuron reads, checksums, and
 conversions that fail or are interrupted."""
 
+import ctypes
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import threading
 
 import ml_dtypes
@@ -15,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _ci import skip_or_fail
 from conftest import build_tiny
 from flashjax.store import (ConvertError, FFNStore, StoreChecksumError, auto_ffn_block, convert, load_resident,
                             model_config_from_dict, open_flash_model, read_manifest)
@@ -237,6 +242,88 @@ def test_evict_page_cache_keeps_reads_working(opt_store):
     store, records = opt_store
     store.evict_page_cache()
     np.testing.assert_array_equal(store.read_layer(0), records[0])
+
+
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # a file there is its pages: nothing can be evicted
+
+
+def _fstype(path) -> str:
+    """The type of the filesystem holding `path` (the longest mount point above it)."""
+    path, best, fstype = os.path.realpath(path), "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mnt, fs = line.split()[:3]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fstype = mnt, fs
+    return fstype
+
+
+def _resident_pages(path) -> tuple[int, int]:
+    """(pages of the file in the page cache, pages of the file), by mincore(2) on a fresh shared
+    read-only mapping that touches nothing (so it neither faults pages in nor pins them)."""
+    size = os.path.getsize(path)
+    n_pages = -(-size // mmap.PAGESIZE)
+    if size == 0:
+        return 0, 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr is not None and addr != ctypes.c_void_p(-1).value, os.strerror(ctypes.get_errno())
+        try:
+            vec = (ctypes.c_ubyte * n_pages)()
+            assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(v & 1 for v in vec), n_pages
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def disk_dir(tmp_path):
+    """A directory on a filesystem whose page cache can be dropped: tmp_path, unless it lies on a
+    memory filesystem (tmpfs, ramfs: the file is its pages), then a directory inside the repository."""
+    if _fstype(tmp_path) not in MEMORY_FILESYSTEMS:
+        yield tmp_path
+        return
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    if _fstype(repo) in MEMORY_FILESYSTEMS:
+        skip_or_fail(f"both {tmp_path} and {repo} are on memory filesystems: page-cache eviction cannot be seen")
+    path = pathlib.Path(tempfile.mkdtemp(prefix=".evict-test-", dir=repo))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_evict_page_cache_drops_the_files_pages(tiny_dirs, disk_dir):
+    """evict_page_cache really empties the page cache of the model's files (mincore), so the next read
+    comes from the disk: first, every file read in full is resident (the check can see pages), then
+    after eviction no page of any file is, and a read brings the FFN shard's pages back."""
+    model = disk_dir / "model"
+    convert(tiny_dirs["opt"], model, dtype="float16", progress=False)  # just written: dirty pages too
+    store = FFNStore(model)
+    records = [store.read_layer(layer) for layer in range(store.n_layers)]
+    files = [str(p) for p in sorted(model.rglob("*")) if p.is_file() and p.stat().st_size > 0]
+    for path in files:
+        pathlib.Path(path).read_bytes()
+    before = {path: _resident_pages(path) for path in files}
+    assert all(resident == total > 0 for resident, total in before.values()), before
+
+    store.evict_page_cache()
+    after = {path: _resident_pages(path)[0] for path in files}
+    assert sum(after.values()) == 0, {p: n for p, n in after.items() if n}
+
+    # Reads still return the same records, and the shard's pages come back from the disk.
+    for layer in range(store.n_layers):
+        np.testing.assert_array_equal(store.read_layer(layer), records[layer])
+    shards = [p for p in files if os.sep + "ffn" + os.sep in p]
+    assert shards and sum(_resident_pages(p)[0] for p in shards) > 0
 
 
 def test_auto_ffn_block():

@@ -1,7 +1,8 @@
 """flashjax.tokenizer against transformers, the reference.
 
 The default model's GGUF comes from FLASHJAX_DEFAULT_GGUF or flashjax.hub; tests that need it are
-skipped without it. The other tests build small tokenizers and GGUF files of their own.
+skipped without it, except under CI (CI=true), where its absence fails them. The other tests build
+small tokenizers and GGUF files of their own.
 """
 
 import copy
@@ -10,14 +11,14 @@ import json
 import os
 import pathlib
 
+import gguf
 import pytest
+import transformers
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from _ci import skip_or_fail
 from flashjax.tokenizer import StreamDecoder, Tokenizer, TokenizerError
-
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer as RustTokenizer  # noqa: E402
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 
 TEXTS = [
     "Hello, world! How are you today?",
@@ -53,13 +54,13 @@ def gguf_path() -> pathlib.Path:
     if os.environ.get("FLASHJAX_DEFAULT_GGUF"):
         path = pathlib.Path(os.environ["FLASHJAX_DEFAULT_GGUF"])
         if not path.is_file():
-            pytest.skip(f"FLASHJAX_DEFAULT_GGUF={path} does not exist")
+            skip_or_fail(f"FLASHJAX_DEFAULT_GGUF={path} does not exist")
         return path
     try:
         from flashjax.hub import default_model_path
         return pathlib.Path(default_model_path())
     except Exception as e:  # not written yet, offline, ...
-        pytest.skip(f"default GGUF unavailable (set FLASHJAX_DEFAULT_GGUF): {e}")
+        skip_or_fail(f"default GGUF unavailable (set FLASHJAX_DEFAULT_GGUF): {e}")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,129 @@
+"""References written in the tests from the raw weights (numpy, float64), sharing no code with what
+they check, and a recorder of what the flash engine computes in each decode step."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def ffn_weights(params, layer: int) -> dict:
+    """Layer `layer`'s FFN weights as float64 numpy arrays (w_up, w_down, w_gate, biases if any)."""
+    return {k: np.asarray(v, np.float64) for k, v in params["layers"][layer]["ffn"].items()}
+
+
+def preactivations(w: dict, h) -> tuple:
+    """(gate or None, up) [..., F] of FFN input h [..., D], biases included."""
+    h = np.asarray(h, np.float64)
+    up = h @ w["w_up"].T + w.get("b_up", 0.0)
+    gate = h @ w["w_gate"].T + w.get("b_gate", 0.0) if "w_gate" in w else None
+    return gate, up
+
+
+def activations(w: dict, h) -> np.ndarray:
+    """Per-neuron activation [..., F]: silu(gate) * up (SwiGLU) or relu(up) (ReLU)."""
+    gate, up = preactivations(w, h)
+    return np.maximum(up, 0.0) if gate is None else silu(gate) * up
+
+
+def masked_ffn(w: dict, h, keep=None) -> np.ndarray:
+    """FFN output [..., D] of h [..., D] over the neurons `keep` only (every neuron when None):
+    the activation masked to `keep`, then the down projection (+ its bias)."""
+    act = activations(w, h)
+    if keep is not None:
+        mask = np.zeros(act.shape[-1], bool)
+        mask[np.asarray(keep, np.int64)] = True
+        act = np.where(mask, act, 0.0)
+    return act @ w["w_down"].T + w.get("b_down", 0.0)
+
+
+def ids_clear_of(values: np.ndarray, bound: float, margin: float) -> np.ndarray:
+    """Ids of `values` [F] further than `margin` from `bound`: the neurons whose side of the bound
+    float32-vs-float64 rounding cannot change."""
+    return np.flatnonzero(np.abs(np.asarray(values, np.float64) - bound) > margin)
+
+
+def assert_same_choice(chosen, expected_mask: np.ndarray, values: np.ndarray, bound: float, margin: float,
+                       what: str) -> None:
+    """`chosen` (ids) equals the neurons of `expected_mask` [F], except that a neuron whose value lies
+    within `margin` of the bound may go either way; at most a few may be that close."""
+    chosen_mask = np.zeros(expected_mask.shape, bool)
+    chosen_mask[np.asarray(chosen, np.int64)] = True
+    clear = ids_clear_of(values, bound, margin)
+    assert len(clear) >= len(values) - 2, f"{what}: {len(values) - len(clear)} neurons within {margin} of the bound"
+    wrong = clear[chosen_mask[clear] != expected_mask[clear]]
+    assert len(wrong) == 0, f"{what}: neurons {wrong.tolist()} chosen wrongly (values {values[wrong].tolist()})"
+
+
+class FlashRecorder:
+    """Records, for every decode step of a flash LLM (`flashjax.load(..., sparsity=...)`), per layer:
+
+    - `h[l]`: the FFN input the engine computed ([D], float32);
+    - `out[l]`: what the engine's FFN added to the residual stream ([D]);
+    - `needed[l]`: the ids the selector returned for layer l (`begin` for selectors that choose
+      when the token starts, such as the oracle; `needed` for per-layer ones, such as predictors and
+      the gate path), and `ahead[l]`: ids a lookahead predicted for layer l from layer l-1's input;
+    - `token`, `pos`: the token decoded and its position.
+
+    It wraps the runner's per-layer FFN step and the selector's methods on the instances only.
+    """
+
+    def __init__(self, llm):
+        runner, selector = llm.runner, llm.runner.selector
+        self.steps: list[dict] = []
+        decode, ffn = runner.decode, runner._ffn
+
+        def recording_decode(token, pos, *args, **kwargs):
+            self.steps.append(dict(token=int(np.asarray(token).reshape(-1)[0]), pos=int(pos), h={}, out={},
+                                   needed={}, ahead={}))
+            return decode(token, pos, *args, **kwargs)
+
+        def recording_ffn(l, x, h, updates, *args, **kwargs):
+            y = ffn(l, x, h, updates, *args, **kwargs)
+            if updates is not None:  # a decode step (the prefill streams every neuron, uncached)
+                step = self.steps[-1]
+                step["h"][l] = np.asarray(h, np.float32).reshape(-1)
+                step["out"][l] = (np.asarray(y, np.float64) - np.asarray(x, np.float64)).reshape(-1)
+            return y
+
+        runner.decode, runner._ffn = recording_decode, recording_ffn
+        begin = selector.begin
+
+        def recording_begin(token, pos):
+            sets = begin(token, pos)
+            if sets is not None and self.steps:
+                self.steps[-1]["needed"].update({l: np.asarray(ids) for l, ids in enumerate(sets)})
+            return sets
+
+        selector.begin = recording_begin
+        if hasattr(selector, "needed"):
+            needed = selector.needed
+
+            def recording_needed(l, h):
+                ids = needed(l, h)
+                self.steps[-1]["needed"][l] = np.asarray(ids)
+                return ids
+
+            selector.needed = recording_needed
+        if hasattr(selector, "ahead"):
+            ahead = selector.ahead
+
+            def recording_ahead(l, h):
+                ids = ahead(l, h)
+                if ids is not None:
+                    self.steps[-1]["ahead"][l] = np.asarray(ids)
+                return ids
+
+            selector.ahead = recording_ahead
+
+    def used(self, step: dict, l: int) -> np.ndarray:
+        """The neurons the engine's FFN of layer l ran over in `step` with window 1: the selector's set,
+        plus what the lookahead predicted for the layer (the engine keeps those rows too)."""
+        return np.union1d(step["needed"][l], step["ahead"].get(l, np.zeros(0, np.int64)))
