@@ -43,9 +43,9 @@ def _rows_ffn(cfg: ModelConfig, parts: dict, valid, h):
     return ffn_over_neurons(cfg, h, parts, live=valid)
 
 
-def split_records(rows, part_slices, dtype):
-    """[N, R] records (storage dtype) -> {part: [N, width]} in the compute dtype."""
-    return {name: rows[:, start:stop].astype(dtype) for name, (start, stop) in part_slices}
+def split_records(rows, part_slices):
+    """[N, R] records -> {part: [N, width]}, still in the storage dtype (converted as multiplied)."""
+    return {name: rows[:, start:stop] for name, (start, stop) in part_slices}
 
 
 def _on_shards(mesh, fn, in_specs, out_specs):
@@ -64,8 +64,9 @@ def cached_ffn(cfg: ModelConfig, mesh, x, h, buffers, counts, b_down, live_rows)
     """
 
     def local(h, buffers, counts):
-        # A cache kept in the storage dtype (cache_dtype="storage") is converted as it is multiplied.
-        live = {name: buf[:live_rows].astype(h.dtype) for name, buf in buffers.items()}
+        # A cache kept in the storage dtype (cache_dtype="storage") is converted block by block as it
+        # is multiplied (model/matmul.py), never as a whole.
+        live = {name: buf[:live_rows] for name, buf in buffers.items()}
         return jax.lax.psum(_rows_ffn(cfg, live, jnp.arange(live_rows) < counts[0], h), NEURONS)
 
     out = _on_shards(mesh, local, (P(), P(NEURONS), P(NEURONS)), P())(h, buffers, counts)
@@ -82,7 +83,7 @@ def scratch_ffn(cfg: ModelConfig, mesh, part_slices, x, h, scratch, n_scratch):
     """
 
     def local(h, scratch, n_scratch):
-        rows = split_records(scratch[0], part_slices, h.dtype)
+        rows = split_records(scratch[0], part_slices)
         return jax.lax.psum(_rows_ffn(cfg, rows, jnp.arange(scratch.shape[1]) < n_scratch[0], h), NEURONS)
 
     out = _on_shards(mesh, local, (P(), P(NEURONS), P(NEURONS)), P())(h, scratch, n_scratch)

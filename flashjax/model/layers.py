@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from flashjax.config import ModelConfig
+from flashjax.model.matmul import weight_matmul
 
 
 def _declared(module: nn.Module, name: str, shape, dtype=jnp.float32):
@@ -64,7 +65,7 @@ class Embedder(nn.Module):
     def decode(self, x, lm_head=None):
         table = self.embedding if lm_head is None else lm_head
         # [B, T, V]
-        return jnp.einsum("btd,vd->btv", x, table)
+        return weight_matmul(x, table)
 
 
 def rope(x, positions, inv_freq):
@@ -94,8 +95,8 @@ class Attention(nn.Module):
         d, hd, n_q, n_kv = c.d_model, c.head_dim, c.n_heads, c.n_kv_heads
 
         def project(name, bias_name, out, has_bias):
-            w = _declared(self, name, (out, d))
-            y = jnp.einsum("btd,od->bto", x, w)
+            # [B, T, out]
+            y = weight_matmul(x, _declared(self, name, (out, d)))
             if has_bias:
                 y = y + _declared(self, bias_name, (out,))
             return y
@@ -124,8 +125,8 @@ class Attention(nn.Module):
         # [B, T, K, G, H]
         ctx = jnp.einsum("bkgts,bksh->btkgh", probs, cache_v).reshape(b, t, n_q * hd)
 
-        wo = _declared(self, "wo", (d, n_q * hd))
-        out = jnp.einsum("bti,di->btd", ctx, wo)
+        # [B, T, D]
+        out = weight_matmul(ctx, _declared(self, "wo", (d, n_q * hd)))
         if c.o_bias:
             out = out + _declared(self, "bo", (d,))
         return out, cache_k, cache_v
@@ -150,9 +151,9 @@ def ffn_over_neurons(cfg: ModelConfig, h, neurons, live=None, on_activations=Non
 
     def projection(name):
         # [B, T, N]
-        out = jnp.einsum("btd,nd->btn", h, neurons[name])
+        out = weight_matmul(h, neurons[name])
         bias = neurons.get("b_" + name)
-        return out if bias is None else out + bias.reshape(-1)
+        return out if bias is None else out + bias.reshape(-1).astype(out.dtype)
 
     gate = projection("gate") if cfg.is_glu else None
     act = ffn_activation(cfg, gate, projection("up"))
@@ -161,7 +162,7 @@ def ffn_over_neurons(cfg: ModelConfig, h, neurons, live=None, on_activations=Non
     if on_activations is not None:
         on_activations(act)
     # [B, T, D]
-    return jnp.einsum("btn,nd->btd", act, neurons["down"])
+    return weight_matmul(act, neurons["down"], w_rows_are_outputs=False)
 
 
 def dense_ffn_apply(cfg: ModelConfig, ffn_params, h, on_activations=None):

@@ -1,0 +1,106 @@
+"""Multiplying activations by weights held narrower than the compute dtype, in one place.
+
+Every weight product of the model goes through `weight_matmul`: resident weights (attention, the
+head), the dense FFN, and the flash engine's cached and streamed neuron rows, whether they are held
+in the compute dtype or as stored (float16, bfloat16; scaled integer blocks join here next).
+
+Why a function of its own: XLA:CPU converts a narrow matrix by writing the converted copy to memory
+before the dot (the dot is a library call that does not fuse its operands), so `w.astype(f32) @ h`
+costs a memory copy of the float32 matrix, about ten times the float32 product itself when the
+matrix is larger than the cache. Converting one cache-sized block of rows at a time inside a loop
+keeps the converted block in cache. bfloat16 is fastest as an elementwise product and a sum, which
+XLA:CPU fuses into one pass over the weights. GPUs and TPUs fuse the convert into the dot, so
+there the plain form is used. `benchmarks/bench_matmul.py` measures every form; the choices and
+block size below come from its table (see the README's "Performance notes").
+
+Axis letters: K the contracted axis, N the other axis of the weight matrix.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Rows of a weight block converted at once: about this many bytes once converted to float32, so a
+# block stays in the L2 cache. Measured on XLA:CPU (bench_matmul.py): 128 KiB-512 KiB are within
+# noise of each other and 4-14x faster than converting the whole matrix; 2 MiB and up fall back
+# toward the whole-matrix cost.
+BLOCK_BYTES = 256 * 1024
+
+
+def block_rows(k: int, itemsize: int = 4) -> int:
+    """Rows per converted block for weight rows of `k` values (a multiple of 8, at least 8)."""
+    return max(8, (BLOCK_BYTES // (k * itemsize)) // 8 * 8)
+
+
+def weight_matmul(x, w, w_rows_are_outputs: bool = True):
+    """x [..., K] times a weight matrix held in any float dtype; the result is in x's dtype.
+
+    `w_rows_are_outputs=True`: w [N, K] (the Hugging Face [out, in] layout): x @ w.T -> [..., N].
+    `w_rows_are_outputs=False`: w [K, N] (neuron-major records' down rows): x @ w -> [..., N].
+    """
+    dtype = x.dtype
+    if w.dtype == dtype or jax.default_backend() != "cpu":
+        return _plain(x, w.astype(dtype), w_rows_are_outputs)
+    one_token = x.size == x.shape[-1]
+    if w.dtype == jnp.bfloat16 and one_token:
+        return _product_and_sum(x, w, w_rows_are_outputs)
+    if w.shape[0] * w.shape[1] * jnp.dtype(dtype).itemsize <= BLOCK_BYTES:
+        return _plain(x, w.astype(dtype), w_rows_are_outputs)
+    if one_token or w_rows_are_outputs:
+        return _blockwise(x, w, w_rows_are_outputs)
+    # Several tokens with the rows contracted (a prefill's down projection): the blocks' partial
+    # sums [blocks, T, N] would cost more than the one converted copy.
+    return _plain(x, w.astype(dtype), w_rows_are_outputs)
+
+
+def _plain(x, w, w_rows_are_outputs: bool):
+    # [..., N]
+    return jnp.einsum("...k,nk->...n", x, w) if w_rows_are_outputs else jnp.einsum("...k,kn->...n", x, w)
+
+
+def _product_and_sum(x, w, w_rows_are_outputs: bool):
+    """One fused pass of convert, multiply and reduce (no converted copy of w): the fastest form
+    for bfloat16 and one token. The operand order matters on XLA:CPU: the converted weights with a
+    leading unit axis, times x shaped to broadcast, measured 3 ms for 8192 x 2048 where the same
+    product written x-first measured 200 ms (the layouts it picks differ)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    w32 = w.astype(x.dtype)[None]
+    if w_rows_are_outputs:
+        # [1, N, K] * [M, 1, K] -> [M, N]
+        out = jnp.sum(w32 * x.reshape(-1, 1, k), axis=-1)
+    else:
+        # [1, K, N] * [M, K, 1] -> [M, N]
+        out = jnp.sum(w32 * x.reshape(-1, k, 1), axis=-2)
+    return out.reshape(lead + out.shape[-1:])
+
+
+def _blockwise(x, w, w_rows_are_outputs: bool):
+    """Row blocks of w converted one at a time inside a loop; the last, partial block on its own
+    (static slices of a contiguous prefix and suffix: nothing is padded or copied). `lax.map` over
+    block indices rather than a loop with a carry: inside shard_map (the flash engine splits neurons
+    over devices) a carry would need the operands' sharding types spelled out."""
+    rows, k = w.shape  # k: the length of one stored row, whichever axis is contracted
+    block = min(block_rows(k, jnp.dtype(x.dtype).itemsize), rows)
+    n_full = rows // block
+    head = n_full * block
+
+    def convert(i):
+        return jax.lax.dynamic_slice_in_dim(w, i * block, block, axis=0).astype(x.dtype)
+
+    if w_rows_are_outputs:
+        # Output columns [i * block, (i + 1) * block) come from the same rows of w: [n_full, ..., block]
+        parts = jax.lax.map(lambda i: _plain(x, convert(i), True), jnp.arange(n_full))
+        out = jnp.moveaxis(parts, 0, -2).reshape(x.shape[:-1] + (head,))
+        if head < rows:
+            out = jnp.concatenate([out, _plain(x, w[head:].astype(x.dtype), True)], axis=-1)
+        return out
+
+    # Rows of w are contracted: each block adds x[..., block] @ w[block] to the sum.
+    def block_product(i):
+        return _plain(jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=-1), convert(i), False)
+
+    out = jnp.sum(jax.lax.map(block_product, jnp.arange(n_full)), axis=0)
+    if head < rows:
+        out = out + _plain(x[..., head:], w[head:].astype(x.dtype), False)
+    return out
