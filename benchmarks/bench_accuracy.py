@@ -12,12 +12,9 @@ token by token through the flash engine (teacher-forced), so its perplexity is w
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import finish, log, machine  # noqa: E402
+from flashjax.bench.common import finish, log, machine
 
 ROWS = [
     # (name, load options)

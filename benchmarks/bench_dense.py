@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flashjax.bench.common import finish, log, machine, peak_rss_bytes, prompt_ids, summary
+from flashjax.engine import drain
 
-from benchmarks.common import finish, log, machine, peak_rss_bytes, prompt_ids, summary  # noqa: E402
-from flashjax.engine import drain  # noqa: E402
+# The repository's shared prose, when this checkout sits beside it (otherwise the package's own text).
+SHARED_PROMPT_TEXT = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "calib_python_docstrings.txt"
+PROMPT_TEXT = str(SHARED_PROMPT_TEXT) if SHARED_PROMPT_TEXT.is_file() else None
 
 
 def run_flashjax(llm, ids, n_new, runs):
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
 
     log(f"loading {args.model} into flashjax")
     llm = flashjax.load(args.model, progress=False)
-    ids = prompt_ids(llm.tokenizer, args.prompt_tokens)
+    ids = prompt_ids(llm.tokenizer, args.prompt_tokens, PROMPT_TEXT)
     rows = []
     fj_decode, fj_prefill, fj_tokens = run_flashjax(llm, ids, args.new_tokens, args.runs)
     rate = matvec_rate_gb_s()

@@ -28,15 +28,18 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import pathlib
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flashjax.bench.common import finish, log, machine, peak_rss_bytes, prompt_ids
+from flashjax.bench.disk_probe import probe, throughput_for
+from flashjax.engine import drain
 
-from benchmarks.common import finish, log, machine, peak_rss_bytes, prompt_ids  # noqa: E402
-from flashjax.engine import drain  # noqa: E402
-from benchmarks.disk_probe import probe, throughput_for  # noqa: E402
+# The repository's shared prose, when this checkout sits beside it (otherwise the package's own text).
+SHARED_PROMPT_TEXT = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "calib_python_docstrings.txt"
+PROMPT_TEXT = str(SHARED_PROMPT_TEXT) if SHARED_PROMPT_TEXT.is_file() else None
 
 CONFIGS = [
     # (row name, sparsity, window, bundled)
@@ -55,7 +58,7 @@ def prepare(args, workdir):
     bundled = os.path.join(workdir, "bundled")
     unbundled = os.path.join(workdir, "unbundled")
     if args.synthetic:
-        from benchmarks.synthetic import SyntheticSource, synthetic_config
+        from synthetic import SyntheticSource, synthetic_config  # benchmarks/synthetic.py, beside this script
 
         cfg = synthetic_config(args.synthetic)
         for path, bundle in ((bundled, True), (unbundled, False)):
@@ -70,7 +73,8 @@ def prepare(args, workdir):
             log(f"converting {args.model} ({'bundled' if bundle else 'unbundled'}) to {path}")
             convert(args.model, path, dtype="float16", bundle=bundle)
     from flashjax.store import open_flash_model
-    return bundled, unbundled, prompt_ids(open_flash_model(bundled, verify=False).tokenizer(), args.prompt_tokens)
+    return bundled, unbundled, prompt_ids(open_flash_model(bundled, verify=False).tokenizer(), args.prompt_tokens,
+                                          PROMPT_TEXT)
 
 
 def measure_throughput(args, model_dir) -> dict:
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
                 continue
             reference_tokens = reference_tokens or tokens
             row = {"system": "flashjax", "config": name, "memory_budget": budget,
-                   "decode_ms_per_token": s["decode_ms_per_token"], "io_ms": s["io_ms"], "mm_ms": s["mm_ms"],
+                   "decode_ms_per_token": s["decode_ms_per_token"], "io_ms": s["io_ms"], "memory_management_ms": s["memory_management_ms"],
                    "compute_ms": s["compute_ms"], "disk_bytes_per_token": s["bytes_read_per_token"],
                    "ffn_share_read": s["bytes_read_per_token"] / s["ffn_bytes"],
                    "read_ops_per_token": s["read_ops_per_token"], "cache_hit_rate": s["cache_hit_rate"],
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
             bound = row["bound_ms_per_token"]
             row["ratio_to_bound"] = row["decode_ms_per_token"] / bound if bound else None  # None: nothing moved
             ratio = "-" if not bound else f"{row['ratio_to_bound']:.1f}"
-            log(f"  {row['decode_ms_per_token']:.1f} ms/token (io {row['io_ms']:.1f}, mm {row['mm_ms']:.1f}, "
+            log(f"  {row['decode_ms_per_token']:.1f} ms/token (io {row['io_ms']:.1f}, mm {row['memory_management_ms']:.1f}, "
                 f"compute {row['compute_ms']:.1f}); {row['disk_bytes_per_token'] / 1e6:.2f} MB/token "
                 f"({100 * row['ffn_share_read']:.1f}% of FFN); {ratio}x the bound "
                 f"{row['bound_ms_per_token']:.1f} ms")
@@ -200,7 +204,7 @@ def main(argv=None) -> int:
             continue
         hit = "-" if r["cache_hit_rate"] is None else f"{r['cache_hit_rate']:.2f}"
         ratio = "-" if r["ratio_to_bound"] is None else f"{r['ratio_to_bound']:.1f}"
-        print(f"| {r['memory_budget']} | {r['config']} | {r['io_ms']:.1f} | {r['mm_ms']:.1f} | {r['compute_ms']:.1f} "
+        print(f"| {r['memory_budget']} | {r['config']} | {r['io_ms']:.1f} | {r['memory_management_ms']:.1f} | {r['compute_ms']:.1f} "
               f"| {r['decode_ms_per_token']:.1f} | {r['disk_bytes_per_token'] / 1e6:.2f} | {100 * r['ffn_share_read']:.2f} "
               f"| {hit} | {r['weights_bytes'] / 1e6:.0f} / {r['memory_budget_bytes'] / 1e6:.0f} "
               f"| {r['bound_ms_per_token']:.2f} | {ratio} |")

@@ -12,18 +12,15 @@ elementwise product and sum, and row blocks converted one at a time at several b
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import finish, log, machine  # noqa: E402
-from flashjax.model import matmul  # noqa: E402
+from flashjax.bench.common import finish, log, machine
+from flashjax.model import matmul
 
 SHAPES = ("1536x576", "4864x896", "8192x2048", "151936x896")
 DTYPES = ("float16", "bfloat16")

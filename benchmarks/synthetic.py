@@ -13,16 +13,13 @@ a ModelSource that makes each tensor on demand is handed to `convert`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flashjax.config import ModelConfig  # noqa: E402
-from flashjax.weights.mapping import expected_shape, tensor_plan  # noqa: E402
-from flashjax.weights.source import ModelSource  # noqa: E402
+from flashjax.config import ModelConfig
+from flashjax.weights.mapping import expected_shape, tensor_plan
+from flashjax.weights.source import ModelSource
 
 SHAPES = {
     # name: (d_model, d_ffn, n_layers, n_heads)

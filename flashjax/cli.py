@@ -79,12 +79,13 @@ def _sampling_options(args) -> dict:
 def _load(args):
     from flashjax.api import LLM
 
-    flash = {}
+    # --devices splits the dense engine too; the other options configure the flash engine only.
+    flash = {"devices": args.devices}
     if args.sparsity not in (None, "dense") or args.memory_budget is not None or args.devices > 1:
-        flash = dict(window=args.window, prefetch_depth=args.prefetch_depth, concurrency=args.concurrency,
+        flash.update(window=args.window, prefetch_depth=args.prefetch_depth, concurrency=args.concurrency,
                      evict_page_cache=args.evict_page_cache, selection=args.selection,
                      predictor_threshold=args.predictor_threshold, top_k=args.top_k_neurons,
-                     over_select=args.over_select, lookahead=not args.no_lookahead, devices=args.devices,
+                     over_select=args.over_select, lookahead=not args.no_lookahead,
                      host_cache=args.host_cache, staging=args.staging, resident_dtype=args.resident_dtype,
                      cache_dtype=args.cache_dtype)
     return LLM.load(args.model, compute_dtype=args.dtype, max_context=args.max_context, sparsity=args.sparsity,
@@ -251,15 +252,8 @@ def _add_eval_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    """Runs benchmarks/bench_compare.py from the repository this package was installed from (editable)."""
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "bench_compare.py").is_file():
-        raise RuntimeError(f"`flashjax bench` runs benchmarks/bench_compare.py from a clone of the repository, and "
-                           f"there is none next to this installation ({root}): clone it and `pip install -e \".[bench]\"`")
-    sys.path.insert(0, str(root))
-    from benchmarks.bench_compare import main as bench_main
+    """The comparison benchmark (flashjax.bench.compare); every option is the runner's."""
+    from flashjax.bench.compare import main as bench_main
 
     return bench_main(args.bench_args)
 
@@ -309,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="a system message")
     p.set_defaults(func=cmd_chat)
 
-    # Every option goes to bench_compare.py (prefix "+": "--quick" etc. are not this parser's).
+    # Every option goes to flashjax.bench.compare (prefix "+": "--quick" etc. are not this parser's).
     p = sub.add_parser("bench", add_help=False, prefix_chars="+",
                        help="flashjax beside transformers, accelerate and llama.cpp (see `flashjax bench --help`)")
     p.add_argument("bench_args", nargs="*")

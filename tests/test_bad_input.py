@@ -10,7 +10,8 @@ import pytest
 from conftest import build_tiny
 from flashjax.config import UnsupportedModelError
 from flashjax.model.params import load_params
-from flashjax.weights import CheckpointError, open_model_source
+from flashjax.store import open_model_source
+from flashjax.weights import CheckpointError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The comparison benchmark's machinery (benchmarks/bench_compare.py), fast: the page-out helper really
+"""The comparison benchmark's machinery (`flashjax bench`: flashjax.bench), fast: the page-out helper really
 evicts, and a --quick run of real flashjax and transformers rows on a tiny model writes valid JSON,
 markdown and PNG plots."""
 
@@ -8,13 +8,10 @@ import ctypes
 import json
 import mmap
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks import peers  # noqa: E402
-from conftest import build_tiny  # noqa: E402
+import pytest
+from conftest import build_tiny
+from flashjax.bench import peers
 
 PAGE = mmap.PAGESIZE
 
@@ -90,13 +87,13 @@ def test_process_counters():
 
 
 def test_quick_compare_on_tiny_model(tmp_path, capsys):
-    from benchmarks import bench_compare
+    from flashjax.bench import compare
 
     model_dir = tmp_path / "tiny"
     build_tiny("llama_gqa", model_dir)
     out = tmp_path / "out"
     # The tiny model is almost all embeddings: the smallest working plan needs nearly all of it.
-    rc = bench_compare.main(["--model", str(model_dir), "--quick", "--budgets", "100%", "--new-tokens", "6",
+    rc = compare.main(["--model", str(model_dir), "--quick", "--budgets", "100%", "--new-tokens", "6",
                              "--prompt-tokens", "12", "--warmup-tokens", "2", "--systems", "flashjax", "transformers",
                              "--workdir", str(tmp_path / "work"), "--probe-mib", "4", "--out", str(out), "--json"])
     assert rc == 0
@@ -133,7 +130,7 @@ def test_quick_compare_on_tiny_model(tmp_path, capsys):
 
 
 def test_best_sparse_is_the_fastest_candidate_at_each_budget():
-    from benchmarks.bench_compare import pick_best_sparse
+    from flashjax.bench.compare import pick_best_sparse
 
     def row(sparsity, budget, ms, **extra):
         return dict(system="flashjax", sparsity=sparsity, memory_budget=budget, decode_ms_per_token=ms,
@@ -145,3 +142,52 @@ def test_best_sparse_is_the_fastest_candidate_at_each_budget():
     assert [r["best_sparse"] for r in rows] == [False, True, True, False, False]
     assert rows[0]["series"] == "flashjax predictor (cold, not the best)"
     assert rows[1]["series"] == "flashjax best sparse (cold)"
+
+
+def test_cli_bench_runs_the_package_runner(monkeypatch):
+    """`flashjax bench ARGS` hands ARGS to flashjax.bench.compare.main: no repository needed."""
+    from flashjax import cli
+    from flashjax.bench import compare
+
+    seen = []
+    monkeypatch.setattr(compare, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["bench", "--quick", "--model", "m.gguf", "--budgets", "50%"]) == 0
+    assert seen == [["--quick", "--model", "m.gguf", "--budgets", "50%"]]
+
+
+def test_plots_without_matplotlib_fail_before_the_run(monkeypatch, tmp_path):
+    from flashjax.bench import compare, report
+
+    monkeypatch.setattr(report, "plots_available", lambda: False)
+    monkeypatch.setattr(compare, "resolve_model", lambda m: pytest.fail("the run started"))
+    with pytest.raises(RuntimeError, match="matplotlib"):
+        compare.main(["--quick", "--out", str(tmp_path / "out")])
+
+
+def test_prompt_text_is_the_packages_own_unless_given(tmp_path):
+    from flashjax.bench.common import prompt_ids, prompt_text
+
+    class Words:  # a stand-in tokenizer: one id per word
+        def encode(self, text, add_special_tokens=False):
+            return [len(w) for w in text.split()]
+
+    assert len(prompt_text().split()) > 1000
+    assert prompt_ids(Words(), 128) == [len(w) for w in prompt_text().split()][:128]
+    own = tmp_path / "prompt.txt"
+    own.write_text("one two three four")
+    assert prompt_ids(Words(), 3, own) == [3, 3, 5]
+
+
+def test_compare_script_adds_the_shared_texts_it_finds():
+    """benchmarks/bench_compare.py: `flashjax bench` with ../shared/data's texts as defaults, when present."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_compare.py")
+    spec = importlib.util.spec_from_file_location("bench_compare_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = script.with_shared_texts(["--quick", "--prompt-text", "mine.txt"])
+    assert argv[-3:] == ["--quick", "--prompt-text", "mine.txt"]  # given options come last: they win
+    added = argv[:-3]
+    assert "--prompt-text" not in added
+    assert all(os.path.isfile(p) for p in added[1::2]) and set(added[::2]) <= {"--calibration-text"}

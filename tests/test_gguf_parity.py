@@ -25,7 +25,7 @@ import transformers
 from conftest import QK_SCALE, TINY_COMMON, build_tiny, random_ids
 from flashjax.api import LLM
 from flashjax.model.params import load_params, set_path
-from flashjax.weights import open_model_source
+from flashjax.store import open_model_source
 from flashjax.weights.gguf_reader import GGUFFile
 
 TOL = 1e-4

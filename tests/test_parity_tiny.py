@@ -10,7 +10,7 @@ from flashjax.config import EngineConfig
 from flashjax.engine import DenseRunner
 from flashjax.model.params import load_params
 from flashjax.sampling import SamplingParams
-from flashjax.weights import open_model_source
+from flashjax.store import open_model_source
 
 TOL = 1e-4
 

@@ -24,7 +24,8 @@ from conftest import build_tiny
 from flashjax.store import (ConvertError, FFNStore, StoreChecksumError, auto_ffn_block, convert, load_resident,
                             model_config_from_dict, open_flash_model, read_manifest)
 from flashjax.store.manifest import is_ffn_on_disk
-from flashjax.weights import CheckpointError, open_model_source
+from flashjax.store import open_model_source
+from flashjax.weights import CheckpointError
 
 # The package's `convert` is the function; the module it lives in is patched below.
 convert_module = sys.modules["flashjax.store.convert"]

@@ -15,7 +15,8 @@ w_down[:, i]] (+ b_gate[i], b_up[i] with FFN biases); ReLU/OPT [w_up[i], w_down[
 
 Modules: manifest (format and checksums), zarr_io (the TensorStore arrays), resident (Orbax),
 convert (the converter and FlashWriter), ffn_store (reads for the engine), host_tier (a neuron cache in host
-RAM in front of ffn_store), model (opening a converted directory).
+RAM in front of ffn_store), model (opening a converted directory; `open_model_source`: whatever `--model`
+names, checkpoints through flashjax.weights). This package builds on flashjax.weights; weights never imports it.
 """
 
 from flashjax.store.convert import BLOCK_BYTES, ConvertError, FlashWriter, auto_ffn_block, convert
@@ -23,11 +24,12 @@ from flashjax.store.ffn_store import FFNStore, PendingRead, ReadStats, evict_pag
 from flashjax.store.host_tier import HostTierStore, wrap_host_tier
 from flashjax.store.manifest import (FORMAT_VERSION, Layout, Manifest, StoreChecksumError, is_flash_dir,
                                      model_config_from_dict, pack_records, read_manifest, unpack_records)
-from flashjax.store.model import FlashModel, FlashModelSource, open_flash_model, open_flash_source
+from flashjax.store.model import FlashModel, FlashModelSource, open_flash_model, open_flash_source, open_model_source
 from flashjax.store.resident import load_resident
 
 __all__ = ["BLOCK_BYTES", "auto_ffn_block", "ConvertError", "FFNStore", "FORMAT_VERSION", "FlashModel", "FlashWriter", "FlashModelSource",
            "HostTierStore",
            "Layout", "Manifest", "PendingRead", "ReadStats", "StoreChecksumError", "convert", "evict_page_cache",
            "is_flash_dir", "load_resident", "model_config_from_dict", "open_flash_model", "open_flash_source",
+           "open_model_source",
            "pack_records", "read_manifest", "unpack_records", "wrap_host_tier"]

@@ -224,7 +224,8 @@ def convert(src_spec, out_dir, dtype: str = "float16", overwrite: bool = False, 
     writes each projection as its own array (the "bundling off" baseline).
     """
     from flashjax.tokenizer import TokenizerError
-    from flashjax.weights import ModelSource, open_model_source
+    from flashjax.store.model import open_model_source
+    from flashjax.weights.source import ModelSource
 
     source = src_spec if isinstance(src_spec, ModelSource) else open_model_source(src_spec)
     cfg = source.config

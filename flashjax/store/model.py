@@ -1,6 +1,10 @@
 """Opening a flash model directory: for the flash engine (`open_flash_model`) and as an ordinary
 ModelSource (`open_flash_source`, what `open_model_source` returns for such a directory), so a converted
-model loads with `--model DIR` everywhere, the dense engine included."""
+model loads with `--model DIR` everywhere, the dense engine included.
+
+`open_model_source` opens whatever `--model` names: a converted directory here, a checkpoint (built-in
+name, Hugging Face directory, GGUF file) through flashjax.weights. It lives here because the flash format
+builds on the checkpoint readers: flashjax.store imports flashjax.weights, never the reverse."""
 
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ import numpy as np
 
 from flashjax.config import ModelConfig
 from flashjax.store.ffn_store import FFNStore, verify_files
-from flashjax.store.manifest import Manifest, read_manifest, unpack_records
+from flashjax.store.manifest import Manifest, is_flash_dir, read_manifest, unpack_records
 from flashjax.store.resident import load_resident, load_resident_numpy, resident_nbytes, resident_paths
-from flashjax.weights.source import ModelSource
+from flashjax.weights.source import BUILTIN_MODELS, ModelSource, open_checkpoint
 
 
 def _tokenizer_factory(model_dir: str):
@@ -85,3 +89,12 @@ def open_flash_source(model_dir, verify: bool = True) -> FlashModelSource:
     model = open_flash_model(model_dir, verify=verify)
     return FlashModelSource(model.path, "flash", model.config, {"manifest": model.manifest},
                             _tokenizer_factory(model.path))
+
+
+def open_model_source(spec) -> ModelSource:
+    """Opens whatever `--model` names (see the README for the accepted forms): a directory written by
+    `flashjax convert` (as a FlashModelSource), else a checkpoint (`flashjax.weights.open_checkpoint`)."""
+    spec = os.fspath(spec)
+    if spec not in BUILTIN_MODELS and is_flash_dir(spec):  # a built-in name first, as a checkpoint
+        return open_flash_source(spec)
+    return open_checkpoint(spec)

@@ -1,4 +1,9 @@
-"""Resolving `--model`: the built-in default, a Hugging Face directory, or a GGUF file."""
+"""Opening a checkpoint: a built-in name, a Hugging Face directory or a GGUF file, as a ModelSource.
+
+A directory written by `flashjax convert` is a ModelSource too, but the flash format belongs to
+flashjax.store, which builds on this package (never the reverse): `flashjax.store.open_model_source`
+opens whatever `--model` names, converted models included, and hands checkpoints to `open_checkpoint`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from flashjax.config import ModelConfig, UnsupportedModelError
+from flashjax.config import ModelConfig
 from flashjax.weights.errors import CheckpointError
 from flashjax.weights.gguf_reader import GGUFFile
 from flashjax.weights.mapping import expected_shape, tensor_plan
@@ -45,15 +50,16 @@ class ModelSource:
             yield path, np.asarray(array, dtype=np.float32)
 
 
-def open_model_source(spec: str | os.PathLike) -> ModelSource:
-    """Opens whatever `--model` names (see the README for the accepted forms)."""
+def open_checkpoint(spec: str | os.PathLike) -> ModelSource:
+    """Opens a checkpoint: a built-in name (fetched once), a Hugging Face directory or a GGUF file.
+    A converted (flash format) directory is refused: `flashjax.store.open_model_source` opens it."""
     spec = os.fspath(spec)
     if spec in BUILTIN_MODELS:
         from flashjax.hub import default_model_path
         spec = str(default_model_path(spec))
-    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "manifest.json")):
-        from flashjax.store.model import open_flash_source  # a converted (flash format) model directory
-        return open_flash_source(spec)
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, FLASH_MANIFEST)):
+        raise CheckpointError(f"{spec} is a model converted by `flashjax convert`, not a checkpoint: open it with "
+                              f"flashjax.store.open_model_source (or flashjax.load)")
     if os.path.isdir(spec):
         return _open_hf_dir(spec)
     if spec.endswith(".gguf") or os.path.isfile(spec):
@@ -63,6 +69,7 @@ def open_model_source(spec: str | os.PathLike) -> ModelSource:
 
 
 BUILTIN_MODELS = ("smollm2", "qwen2.5-coder-0.5b")
+FLASH_MANIFEST = "manifest.json"  # what marks a converted model directory (flashjax.store.manifest.MANIFEST_NAME)
 
 
 def _open_gguf(path: str) -> ModelSource:

@@ -9,13 +9,7 @@ import platform
 import statistics
 import sys
 
-HERE = pathlib.Path(__file__).resolve().parent
-SHARED_TEXT = HERE.parent.parent / "shared" / "data" / "calib_python_docstrings.txt"
-# Used when the shared calibration text is absent (a user's own checkout): any long English text will do.
-FALLBACK_TEXT = (
-    "The history of computing is a story of machines that grew smaller, faster and cheaper while the "
-    "problems they were asked to solve grew larger. Early computers filled rooms and were programmed by "
-    "rewiring panels; later ones stored their programs in memory, which made software a thing of its own. ") * 20
+PROMPT_CHARS = 20000  # the first characters of a prompt text file are enough for any prompt length used here
 
 
 def log(*args) -> None:
@@ -42,16 +36,21 @@ def machine() -> dict:
     return info
 
 
-def prompt_text() -> str:
-    if SHARED_TEXT.is_file():
-        return SHARED_TEXT.read_text()[:20000]
-    return FALLBACK_TEXT
+def prompt_text(path: str | os.PathLike | None = None) -> str:
+    """The text prompts are cut from: the first characters of the file at `path`, or, without one, the
+    package's own prose (flashjax.bench.text)."""
+    if path:
+        return pathlib.Path(path).read_text(encoding="utf-8")[:PROMPT_CHARS]
+    from flashjax.bench.text import PROMPT_TEXT
+    return PROMPT_TEXT
 
 
-def prompt_ids(tokenizer, n_tokens: int) -> list[int]:
-    ids = tokenizer.encode(prompt_text(), add_special_tokens=False)
+def prompt_ids(tokenizer, n_tokens: int, text_file: str | os.PathLike | None = None) -> list[int]:
+    """The first `n_tokens` token ids of prompt_text(text_file)."""
+    ids = tokenizer.encode(prompt_text(text_file), add_special_tokens=False)
     if len(ids) < n_tokens:
-        raise ValueError(f"prompt text has only {len(ids)} tokens, need {n_tokens}")
+        raise ValueError(f"the prompt text ({text_file or 'built in'}) has only {len(ids)} tokens, need {n_tokens}: "
+                         f"give a longer text file")
     return ids[:n_tokens]
 
 

@@ -1,4 +1,4 @@
-"""One system per process: the workers `bench_compare.py` spawns, and the page-out helper they share.
+"""One system per process: the workers `flashjax bench` (flashjax.bench.compare) spawns, and the page-out helper they share.
 
 Each worker loads one system (flashjax in one configuration, transformers, accelerate disk
 offload, llama.cpp), warms it up, measures `runs` greedy generations of `new_tokens` after a
@@ -7,8 +7,8 @@ system keeps peak RSS per system: after loading and warming up the process's hig
 is reset (/proc/self/clear_refs), so `peak_rss_bytes` is the peak while generating;
 `load_peak_rss_bytes` is the peak before that (loading, dequantizing, compiling).
 
-    python benchmarks/peers.py --spec '{"system": "transformers", "model": "...gguf", ...}' --json
-    python benchmarks/peers.py --spec-file spec.json --json
+    python -m flashjax.bench.peers --spec '{"system": "transformers", "model": "...gguf", ...}' --json
+    python -m flashjax.bench.peers --spec-file spec.json --json
 
 Cold reads: with `"cold": true` the system's weight files leave the page cache before every
 token (outside the timings), the way flashjax's `--evict-page-cache` does: `page_out(paths)`
@@ -25,13 +25,10 @@ import ctypes
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import log  # noqa: E402
+from flashjax.bench.common import log, summary
 
 SYSTEMS = ("flashjax", "transformers", "accelerate", "llama.cpp")
 MADV_DONTNEED = 4
@@ -180,13 +177,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def summary(values) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"median": None, "min": None, "max": None, "runs": 0}
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 # ---- measurement shared by the peers ---------------------------------------------------------------
@@ -501,11 +491,11 @@ def run_flashjax(spec: dict) -> dict:
     fields = {"sparsity": sparsity, "weights_total_bytes": dense_bytes,
               "proc_read_bytes_per_token": summary(proc_disk[1:])["median"]}
     if flash_dir is None:
-        fields.update(weights_bytes=llm.weight_bytes, io_ms=0.0, mm_ms=0.0, compute_ms=med("decode_ms_per_token"))
+        fields.update(weights_bytes=llm.weight_bytes, io_ms=0.0, memory_management_ms=0.0, compute_ms=med("decode_ms_per_token"))
     else:
         # Medians over the measured runs of the engine's per-token means.
         fields.update({k: med(k) for k in (
-            "io_ms", "mm_ms", "compute_ms", "select_ms", "read_ops_per_token", "neurons_read_per_token",
+            "io_ms", "memory_management_ms", "compute_ms", "select_ms", "read_ops_per_token", "neurons_read_per_token",
             "cache_hit_rate", "needed_neurons_per_token", "lookahead_coverage", "lookahead_precision")})
         fields.update({k: measured[-1].get(k) for k in (
             "ffn_bytes", "memory_budget_bytes", "resident_bytes", "cache_rows_per_layer", "weights_bytes")})

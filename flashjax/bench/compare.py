@@ -1,0 +1,522 @@
+"""flashjax beside the tools people use instead, on one machine, in one run (`flashjax bench`).
+
+Rows, each system in its own process (flashjax.bench.peers) so peak RSS is its own:
+
+- flashjax dense (every weight resident, float32, from the original model), naive (the whole
+  FFN read from disk every token; at the smallest budget: it caches nothing, so the budget does
+  not change it) and the best sparse configuration — the calibrated predictors when the converted
+  model has them (`flashjax calibrate`; this runner calibrates its own copy unless --no-calibrate),
+  else oracle + windowing + bundling — at each budget (default 50%, 65%, 80% of the dense float32
+  weights); page cache evicted before every token;
+- transformers (PyTorch CPU, float32, everything in memory) on the same GGUF / HF directory;
+- transformers + accelerate disk offload: device_map="auto", max_memory={"cpu": the same budget},
+  the rest in an offload folder evicted from the page cache before every token;
+- llama.cpp (llama-cpp-python, optional) on the original GGUF, in memory and cold.
+
+Also a disk probe (flashjax.bench.disk_probe): the I/O ceiling the run had. Writes
+results.json, results.md and PNG plots (matplotlib) to --out; --json prints the JSON as the last
+line of stdout; progress goes to stderr. Prompts are cut from --prompt-text (default: the package's
+own prose, flashjax.bench.text); --calibration-text is what the predictors are trained on (default:
+text the model writes itself). benchmarks/bench_compare.py in the repository is this command with
+the repository's shared texts (../shared/data) as those defaults.
+
+    flashjax bench --out benchmarks/results/compare                                # the full run
+    flashjax bench --quick --out /tmp/bench-quick                                  # CI smoke: a few minutes
+    flashjax bench --model path/to/model.gguf --budgets 50% --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+from flashjax.bench.common import log, machine, prompt_ids
+from flashjax.bench.report import row_label
+
+SYSTEMS = ("flashjax", "transformers", "accelerate", "llama.cpp")
+LLAMA_CPP_COLD_REFERENCE_MS = 76.0  # measured on the development machine (issue 5), used when llama.cpp is absent
+
+
+# ---- preparation --------------------------------------------------------------------------------------
+
+
+def resolve_model(model: str) -> tuple[str, str]:
+    """(path of the original model, short name). Built-in names are fetched once."""
+    from flashjax.hub import DEFAULT_MODELS, default_model_path
+
+    if model in DEFAULT_MODELS:
+        return str(default_model_path(model)), model
+    path = os.path.abspath(model)
+    if not os.path.exists(path):
+        raise ValueError(f"no model at {model}: give a built-in name ({', '.join(DEFAULT_MODELS)}), a GGUF file, "
+                         f"a Hugging Face directory or a directory written by `flashjax convert`")
+    base = os.path.basename(path.rstrip("/"))
+    return path, base[:-5] if base.endswith(".gguf") else base
+
+
+def default_workdir(path: str, name: str) -> str:
+    from flashjax.hub import DEFAULT_MODELS, cache_dir
+
+    if name in DEFAULT_MODELS:
+        return str(cache_dir() / "bench" / name)
+    return str(cache_dir() / "bench" / f"{name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}")
+
+
+def parse_fraction(text: str) -> float:
+    s = str(text).strip()
+    value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    if not 0 < value <= 1:
+        raise ValueError(f"a budget here is a share of the dense model in (0, 1] or (0%, 100%]: {text!r}")
+    return value
+
+
+def prepare(args, source: str, workdir: str) -> tuple[str, list[int], dict]:
+    """Converts (and calibrates) the model into workdir; returns (flash dir, prompt ids, model info)."""
+    from flashjax.flash.budget import dense_weight_bytes
+    from flashjax.sparsity import has_predictors
+    from flashjax.store import convert, is_flash_dir, open_flash_model
+
+    if is_flash_dir(source):
+        flash_dir = source
+    else:
+        flash_dir = os.path.join(workdir, "flash")
+        if not is_flash_dir(flash_dir):
+            log(f"converting {source} to the flash format in {flash_dir} (float16, bundled; once, reused after)")
+            convert(source, flash_dir, dtype="float16", progress=False)
+    if args.calibrate and not has_predictors(flash_dir):
+        from flashjax.sparsity import calibrate
+
+        texts = None
+        if args.calibration_text:
+            with open(args.calibration_text, encoding="utf-8") as f:
+                texts = [f.read()]
+        log(f"calibrating the sparsity predictors of {flash_dir} "
+            f"({'on ' + args.calibration_text if texts else 'on text the model writes itself'}; once, reused after)")
+        calibrate(flash_dir, texts=texts, progress=False)
+    fm = open_flash_model(flash_dir, verify=False)
+    tokenizer = None
+    try:
+        tokenizer = fm.tokenizer()
+    except Exception:  # noqa: BLE001 - models without a tokenizer (tiny test models) get random ids
+        tokenizer = None
+    if tokenizer is not None:
+        ids = prompt_ids(tokenizer, args.prompt_tokens, args.prompt_text)
+    else:
+        import numpy as np
+        ids = np.random.RandomState(0).randint(4, fm.config.vocab_size, size=args.prompt_tokens).tolist()
+    info = {"dense_weight_bytes": dense_weight_bytes(fm.config, "float32"), "calibrated": has_predictors(flash_dir),
+            "n_layers": fm.config.n_layers, "d_ffn": fm.config.d_ffn, "d_model": fm.config.d_model}
+    return flash_dir, [int(i) for i in ids], info
+
+
+def disk_info(path: str) -> dict:
+    """The mount (device, filesystem) holding `path`."""
+    path = os.path.realpath(path)
+    best = ("", {})
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                dev, mnt, fstype = line.split()[:3]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                    best = (mnt, {"device": dev, "mount": mnt, "fstype": fstype})
+    except OSError:
+        pass
+    return best[1]
+
+
+# ---- the rows -------------------------------------------------------------------------------------------
+
+
+def build_specs(args, source: str, flash_dir: str, ids: list[int], info: dict, workdir: str) -> list[dict]:
+    from flashjax.sparsity import has_predictors
+    from flashjax.store import is_flash_dir
+
+    common = {"prompt_ids": ids, "new_tokens": args.new_tokens, "runs": args.runs, "warmup_tokens": args.warmup_tokens}
+    budgets = sorted(parse_fraction(b) for b in args.budgets)
+    dense_bytes = info["dense_weight_bytes"]
+    specs = []
+    peers_ok = not is_flash_dir(source)
+    if "flashjax" in args.systems:
+        specs.append(dict(common, system="flashjax", config="dense", sparsity="dense", model=source,
+                          series="flashjax dense", plot_x=1.0, memory_budget_fraction=None))
+        if not args.no_naive:
+            specs.append(dict(common, system="flashjax", config="naive", sparsity="naive", flash_dir=flash_dir,
+                              memory_budget=f"{100 * budgets[0]:g}%", memory_budget_fraction=budgets[0], cold=True,
+                              series="flashjax naive (cold)", flash_options={"window": 1}))
+        # The best sparse configuration that fits each budget, in order of preference (the worker
+        # runs the first that fits: the predictors' memory counts in the budget).
+        oracle = {"sparsity": "oracle", "config": "oracle + windowing + bundling", "flash_options": {"window": 5}}
+        candidates = [oracle]
+        if has_predictors(flash_dir):
+            candidates = [
+                # The engine's documented default threshold (FlashOptions), so the row is what users get.
+                {"sparsity": "predictor", "config": "predictor (default threshold, lookahead, window 5)",
+                 "flash_options": {"window": 5, "lookahead": True}},
+                # Where the predictors do not fit: the oracle at the calibrated activation thresholds
+                # (threshold 0 would read every SwiGLU neuron), windowing and bundling.
+                {"sparsity": "oracle", "config": "oracle, calibrated thresholds + windowing + bundling",
+                 "flash_options": {"window": 5, "threshold": "calibrated"}}]
+        # Hybrid (exact: the neurons that fit stay cached, the rest stream every token) is measured
+        # beside them: with a large budget it can beat selecting neurons. The faster of the two at
+        # each budget is the best sparse row (pick_best_sparse).
+        hybrid = [{"sparsity": "hybrid", "config": "hybrid (exact: what fits stays cached, the rest streams)",
+                   "flash_options": {"window": 1}}]
+        for b in budgets:
+            for cands in (candidates,) if args.quick else (candidates, hybrid):
+                specs.append(dict(common, system="flashjax", config="best sparse", candidates=cands,
+                                  flash_dir=flash_dir, memory_budget=f"{100 * b:g}%", memory_budget_fraction=b,
+                                  cold=True, series="flashjax best sparse (cold)", sparse_candidate=True))
+    if not peers_ok and set(args.systems) - {"flashjax"}:
+        log(f"note: {source} is a flash-format directory; transformers, accelerate and llama.cpp need the original "
+            f"model (GGUF or Hugging Face directory): they are skipped")
+    if peers_ok and "transformers" in args.systems:
+        specs.append(dict(common, system="transformers", config="PyTorch CPU float32, in memory", model=source,
+                          series="transformers (in memory)", plot_x=1.0, memory_budget_fraction=None))
+    if peers_ok and "accelerate" in args.systems:
+        for b in budgets:
+            specs.append(dict(common, system="accelerate", config="disk offload (device_map, cold)", model=source,
+                              budget_bytes=int(b * dense_bytes), memory_budget_fraction=b, cold=True,
+                              offload_folder=os.path.join(workdir, f"offload-{int(round(100 * b))}"),
+                              series="transformers + accelerate disk offload (cold)"))
+    if peers_ok and "llama.cpp" in args.systems:
+        if source.endswith(".gguf"):
+            for cold in (False, True):
+                specs.append(dict(common, system="llama.cpp", config="mmap, cold" if cold else "in memory",
+                                  model=source, cold=cold, memory_budget_fraction=None,
+                                  series=f"llama.cpp {'cold page cache' if cold else 'in memory'}"))
+        else:
+            specs.append(dict(common, system="llama.cpp", config="-", skip="llama.cpp runs GGUF files only",
+                              memory_budget_fraction=None))
+    for s in specs:
+        s["label"] = f"{s['system']} {s['config']}" + (
+            f" @ {s['memory_budget_fraction']:.0%}" if s.get("memory_budget_fraction") is not None else "")
+    return specs
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (all processes), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return 0.0
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def _own_cpu_s() -> float:
+    import resource
+
+    return sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
+def run_row(spec: dict, timeout: float, in_process: bool) -> dict:
+    """Runs the row, and records how busy the machine was with other work meanwhile (a shared
+    machine skews every figure: `other_cpu_share` is the other processes' share of all CPUs)."""
+    busy0, own0, t0 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+    row = _run_row(spec, timeout, in_process)
+    wall = time.perf_counter() - t0
+    other = max(0.0, (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0))
+    row["other_cpu_share"] = other / (wall * (os.cpu_count() or 1)) if wall > 0 else None
+    return row
+
+
+def _run_row(spec: dict, timeout: float, in_process: bool) -> dict:
+    """Runs one spec in its own process (flashjax.bench.peers); the row is the last line of its stdout."""
+    if spec.get("skip"):
+        return {"system": spec["system"], "config": spec.get("config"), "memory_budget": None, "skipped": spec["skip"]}
+    if spec["system"] == "llama.cpp":
+        from flashjax.bench.peers import llama_cpp_available
+        missing = llama_cpp_available()  # checked here too: a clear message without starting a worker
+        if missing:
+            return {"system": "llama.cpp", "config": spec.get("config"), "memory_budget": None, "skipped": missing}
+    if in_process:
+        from flashjax.bench.peers import run_spec
+        return run_spec(spec)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+        spec_file = f.name
+    # Every path in the spec is absolute, so the worker may start in this working directory.
+    cmd = [sys.executable, "-m", "flashjax.bench.peers", "--spec-file", spec_file, "--json"]
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        try:
+            return json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {"system": spec["system"], "config": spec.get("config"),
+                    "memory_budget": spec.get("memory_budget_fraction"),
+                    "error": f"worker exited {proc.returncode} without a result"}
+    except subprocess.TimeoutExpired:
+        return {"system": spec["system"], "config": spec.get("config"),
+                "memory_budget": spec.get("memory_budget_fraction"), "error": f"timed out after {timeout:.0f} s"}
+    finally:
+        os.unlink(spec_file)
+
+
+# ---- analysis -------------------------------------------------------------------------------------------
+
+
+def _ok(r):
+    return r is not None and not r.get("error") and not r.get("skipped") and r.get("decode_ms_per_token") is not None
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def analyse(rows: list[dict], info: dict, probe: dict | None) -> dict:
+    dense_bytes = info["dense_weight_bytes"]
+    for r in rows:
+        if _ok(r) and r.get("weights_bytes") is not None:
+            total = r.get("weights_total_bytes") or dense_bytes
+            r["weights_share"] = r["weights_bytes"] / total
+            r["weights_share_of_rss"] = r["weights_bytes"] / r["peak_rss_bytes"] if r.get("peak_rss_bytes") else None
+    # Greedy agreement with flashjax dense.
+    ref = next((r for r in rows if r["system"] == "flashjax" and r.get("config") == "dense" and _ok(r)), None)
+    agreement = None
+    if ref and ref.get("tokens"):
+        agreement = {"reference": "flashjax dense", "compared_tokens": len(ref["tokens"]), "rows": []}
+        for r in rows:
+            if not _ok(r) or not r.get("tokens"):
+                continue
+            if r is ref:
+                r["agreement"] = {"reference": True}
+                continue
+            diff = first_difference(ref["tokens"], r["tokens"])
+            expected = r["system"] in ("transformers", "accelerate")
+            r["agreement"] = {"first_difference": diff, "compared": min(len(ref["tokens"]), len(r["tokens"])),
+                              "expected_identical": expected}
+            agreement["rows"].append({"label": r.get("label") or f"{r['system']} {r.get('config')}",
+                                      "first_difference": diff, "expected": expected})
+    # The I/O ceiling each flashjax row ran under.
+    if probe and probe.get("points"):
+        from flashjax.bench.disk_probe import throughput_for
+
+        for r in rows:
+            if not _ok(r) or r["system"] != "flashjax" or not r.get("disk_bytes_per_token") or not r.get("read_ops_per_token"):
+                continue
+            mean_read = r["disk_bytes_per_token"] / r["read_ops_per_token"]
+            chunk, rate = throughput_for(probe, mean_read)
+            ceiling_ms = r["disk_bytes_per_token"] / (rate * 1e6) * 1e3
+            r["io_ceiling"] = {"mean_read_bytes": mean_read, "chunk_bytes": chunk, "mb_per_s": rate,
+                               "ceiling_io_ms": ceiling_ms,
+                               "efficiency": ceiling_ms / r["io_ms"] if r.get("io_ms") else None}
+    return {"greedy_agreement": agreement}
+
+
+def pick_best_sparse(rows: list[dict]) -> None:
+    """At each budget the fastest measured sparse candidate is the best sparse row; the others stay in
+    the table as a series of their own."""
+    by_budget: dict = {}
+    for r in rows:
+        if r.get("sparse_candidate") and _ok(r):
+            by_budget.setdefault(r.get("memory_budget"), []).append(r)
+    for r in rows:
+        if r.get("sparse_candidate"):
+            group = by_budget.get(r.get("memory_budget"), [])
+            r["best_sparse"] = bool(group) and r is min(group, key=lambda x: x["decode_ms_per_token"])
+            if not r["best_sparse"]:
+                r["series"] = f"flashjax {r.get('sparsity') or 'other'} (cold, not the best)"
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    def find(pred):
+        return next((r for r in rows if _ok(r) and pred(r)), None)
+
+    best50 = find(lambda r: r.get("best_sparse") and abs((r.get("memory_budget") or 0) - 0.5) < 1e-6)
+    best80 = find(lambda r: r.get("best_sparse") and abs((r.get("memory_budget") or 0) - 0.8) < 1e-6)
+    dense = find(lambda r: r["system"] == "flashjax" and r.get("config") == "dense")
+    acc50 = find(lambda r: r["system"] == "accelerate" and abs((r.get("memory_budget") or 0) - 0.5) < 1e-6)
+    llama_cold = find(lambda r: r["system"] == "llama.cpp" and r.get("cold_page_cache"))
+    def what(r):
+        note = f"{r['config']}"
+        if r.get("sparsity") == "oracle":
+            note += "; the oracle is a measuring device (a perfect predictor, its own computation untimed)"
+        if r.get("did_not_fit"):
+            note += "; " + ", ".join(d["config"] for d in r["did_not_fit"]) + " did not fit this budget"
+        return f" [{note}]"
+
+    out = []
+    if best50 and acc50:
+        x = acc50["decode_ms_per_token"] / best50["decode_ms_per_token"]
+        out.append({"goal": "flashjax best sparse at 50% >= 5x faster per token than accelerate disk offload at 50%",
+                    "met": x >= 5, "ratio": x,
+                    "detail": f"{best50['decode_ms_per_token']:.1f} vs {acc50['decode_ms_per_token']:.1f} ms/token: {x:.1f}x" + what(best50)})
+    else:
+        out.append({"goal": "flashjax best sparse at 50% >= 5x faster than accelerate at 50%", "met": None,
+                    "detail": "a row is missing in this run"})
+    if best50:
+        ref = llama_cold["decode_ms_per_token"] if llama_cold else LLAMA_CPP_COLD_REFERENCE_MS
+        src = "measured in this run" if llama_cold else \
+            f"llama.cpp not run here: the {LLAMA_CPP_COLD_REFERENCE_MS:.0f} ms/token measured earlier on the development machine"
+        out.append({"goal": "flashjax best sparse at 50% faster than llama.cpp with a cold page cache",
+                    "met": best50["decode_ms_per_token"] < ref, "ratio": ref / best50["decode_ms_per_token"],
+                    "measured_here": bool(llama_cold),
+                    "detail": f"{best50['decode_ms_per_token']:.1f} vs {ref:.1f} ms/token ({src})" + what(best50)})
+    if best80 and dense:
+        x = best80["decode_ms_per_token"] / dense["decode_ms_per_token"]
+        out.append({"goal": "flashjax at 80% within 1.5x of its own dense run", "met": x <= 1.5, "ratio": x,
+                    "detail": f"{best80['decode_ms_per_token']:.1f} vs {dense['decode_ms_per_token']:.1f} ms/token: {x:.2f}x" + what(best80)})
+    return out
+
+
+# ---- main -----------------------------------------------------------------------------------------------
+
+
+def build_parser(prog: str = "flashjax bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2", help="built-in name, GGUF file, HF directory or flash directory")
+    p.add_argument("--budgets", nargs="+", default=None, help="shares of the dense model (default 50%% 65%% 80%%)")
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--prompt-tokens", type=int, default=None, help="default 128 (--quick: 32)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 256 (--quick: 16)")
+    p.add_argument("--runs", type=int, default=None, help="measured runs per system after a warm-up (default 3)")
+    p.add_argument("--warmup-tokens", type=int, default=8, help="tokens generated by the warm-up run")
+    p.add_argument("--workdir", default=None,
+                   help="converted model, predictors and offload folders (default: ~/.cache/flashjax/bench/...)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=None,
+                   help="do not calibrate the converted model (best sparse is then oracle unless already calibrated)")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive row")
+    p.add_argument("--no-disk-probe", action="store_true")
+    p.add_argument("--probe-mib", type=int, default=None, help="disk probe file size (default 1024; --quick: 256)")
+    p.add_argument("--row-timeout", type=float, default=3600, help="seconds one system may take")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every row in this process (faster to start; peak RSS is then not per system)")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke: 32 prompt tokens, 16 generated, one run, the 50%% budget, small disk probe")
+    p.add_argument("--prompt-text", default=None, metavar="FILE",
+                   help="text file the prompt is cut from (its first tokens; default: the package's own prose)")
+    p.add_argument("--calibration-text", default=None, metavar="FILE",
+                   help="text the predictors are calibrated on (default: text the model writes itself)")
+    p.add_argument("--out", default=None,
+                   help="directory for results.json, results.md and the PNG plots (the plots need matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the JSON as the last line of stdout")
+    return p
+
+
+def main(argv=None, prog: str = "flashjax bench") -> int:
+    """Runs the comparison; `argv` as on the command line, `prog` the command recorded in the results."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    if args.out:
+        from flashjax.bench.report import MATPLOTLIB_MISSING, plots_available
+        if not plots_available():  # said now, not after the whole run
+            raise RuntimeError(f"--out writes PNG plots: {MATPLOTLIB_MISSING}")
+    for name in ("prompt_text", "calibration_text"):
+        path = getattr(args, name)
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+            setattr(args, name, os.path.abspath(path))
+    q = args.quick
+    args.budgets = args.budgets or (["50%"] if q else ["50%", "65%", "80%"])
+    args.prompt_tokens = args.prompt_tokens or (32 if q else 128)
+    args.new_tokens = args.new_tokens or (16 if q else 256)
+    args.runs = args.runs or (1 if q else 3)
+    args.probe_mib = args.probe_mib or (256 if q else 1024)
+    if args.calibrate is None:
+        args.calibrate = not q  # --quick uses predictors only if the model already has them
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+
+    source, name = resolve_model(args.model)
+    workdir = os.path.abspath(args.workdir or default_workdir(source, name))
+    os.makedirs(workdir, exist_ok=True)
+    log(f"bench: {name} ({source}); workdir {workdir}")
+    flash_dir, ids, info = prepare(args, source, workdir)
+
+    probe = None
+    if not args.no_disk_probe:
+        from flashjax.bench.disk_probe import probe as run_probe
+        kw = dict(chunks=[4 << 10, 64 << 10, 1 << 20], threads=[1, 8, 32], seconds=0.3) if q else {}
+        probe = run_probe(workdir, args.probe_mib, **kw)
+
+    specs = build_specs(args, source, flash_dir, ids, info, workdir)
+    rows = []
+    for i, spec in enumerate(specs, 1):
+        log(f"[{i}/{len(specs)}] {spec['label']} ({time.perf_counter() - t_start:.0f} s elapsed)")
+        row = run_row(spec, args.row_timeout, args.in_process)
+        for k in ("series", "plot_x", "sparse_candidate"):
+            if k in spec:
+                row.setdefault(k, spec[k])
+        row.setdefault("memory_budget", spec.get("memory_budget_fraction"))
+        row["label"] = row_label(row)
+        if row.get("skipped"):
+            log(f"  skipped: {row['skipped']}")
+        elif row.get("error"):
+            log(f"  failed: {row['error']}")
+        else:
+            log(f"  {row['decode_ms_per_token']:.1f} ms/token, prefill {row['prefill_tokens_per_s']:.0f} tok/s, "
+                f"{(row.get('disk_bytes_per_token') or 0) / 1e6:.2f} MB/token, peak RSS "
+                f"{row['peak_rss_bytes'] / 1e6:.0f} MB ({row.get('row_wall_s', 0):.0f} s; other work on the machine: "
+                f"{100 * (row.get('other_cpu_share') or 0):.0f}% of its CPUs)")
+        rows.append(row)
+
+    pick_best_sparse(rows)
+    extra = analyse(rows, info, probe)
+    m = machine()
+    m["disk"] = disk_info(workdir)
+    # Other work on the machine skews every figure: the load average at the start and the end.
+    m["loadavg_start"], m["loadavg_end"] = list(load_start), list(os.getloadavg())
+    try:
+        import torch
+        m["torch"], m["torch_threads"] = torch.__version__, torch.get_num_threads()
+    except ImportError:
+        pass
+    notes = [
+        "flashjax dense runs on the original model's weights (the same ones transformers loads); the flash rows "
+        "run on its float16 conversion, so their greedy tokens may differ from dense slightly even before sparsity.",
+        "flashjax decode ms/token is the engine's own per-token time (page-cache eviction and, for oracle, its full "
+        "measuring computation excluded); transformers and accelerate run model.generate, timed per step by a "
+        "LogitsProcessor that also evicts between steps, outside the timing; llama.cpp is timed around each eval.",
+        "disk MB/token: flashjax from its read statistics (proc_read_bytes_per_token holds the kernel's count); "
+        "the others from /proc/self/io read_bytes.",
+        "peak RSS: the process's high-water mark while generating, reset after loading and warm-up "
+        "(load_peak_rss_bytes holds the loading peak).",
+        f"naive caches nothing, so it runs once, at the smallest budget ({min(parse_fraction(b) for b in args.budgets):.0%}).",
+        "CPU used by other work: the share of the machine's CPUs that other processes used while the row ran "
+        "(/proc/stat); a row measured beside other work is slower than the machine can do.",
+    ]
+    if any(r.get("sparsity") == "oracle" for r in rows if r["system"] == "flashjax"):
+        notes.append("oracle rows hold a full copy of the model outside the budget to find the active neurons: "
+                     "their peak RSS includes it.")
+    result = {"benchmark": "compare", "model": name, "model_path": source, "flash_dir": flash_dir,
+              "machine": m, "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                                         "runs": args.runs, "warmup_tokens": args.warmup_tokens,
+                                         "budgets": [parse_fraction(b) for b in args.budgets], "quick": q,
+                                         "in_process": args.in_process,
+                                         "prompt_text": args.prompt_text or "built in (flashjax.bench.text)",
+                                         "calibration_text": args.calibration_text},
+              "dense_weight_bytes": info["dense_weight_bytes"], "calibrated": info["calibrated"],
+              "rows": rows, "disk_probe": probe, "goals": goals(rows), "notes": notes,
+              "llama_cpp_cold_reference_ms": LLAMA_CPP_COLD_REFERENCE_MS,
+              "command": " ".join([prog] + [shlex.quote(a) for a in argv]),
+              "wall_s": time.perf_counter() - t_start}
+    result.update(extra)
+    from flashjax.bench.report import markdown, write_report
+
+    if args.out:
+        paths = write_report(result, args.out)
+        result["plots"] = {k: v for k, v in paths.items() if v.endswith(".png")}
+        for k, v in paths.items():
+            log(f"wrote {k}: {v}")
+    print(markdown(result, result.get("plots")), file=sys.stderr if args.json else sys.stdout)
+    log(f"bench: done in {(time.perf_counter() - t_start) / 60:.1f} min")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
