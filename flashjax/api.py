@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashjax.config import EngineConfig, ModelConfig
-from flashjax.engine import DenseRunner, GenerationResult, _all_logits, generate_tokens
+from flashjax.engine import DenseRunner, GenerationResult, generate_tokens
 from flashjax.model.params import load_params, tree_nbytes
-from flashjax.model.transformer import init_kv_cache
+from flashjax.runner_protocol import Runner
 from flashjax.sampling import SamplingParams, check_max_tokens
-from flashjax.weights import open_model_source
+from flashjax.store import open_model_source
 
 
 @dataclasses.dataclass
@@ -36,16 +36,29 @@ Messages = Sequence[dict] | str
 
 
 class LLM:
-    """A loaded model with its tokenizer and engine."""
+    """A loaded model with its tokenizer and engine (a `runner_protocol.Runner`).
+
+    `close()` releases the engine (the flash engine's prefetch thread and files); so does leaving
+    `with flashjax.load(...) as llm:`.
+    """
 
     def __init__(self, config: ModelConfig, params, tokenizer, engine_config: EngineConfig = EngineConfig(),
-                 name: str = "", runner=None):
+                 name: str = "", runner: Runner | None = None):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.engine_config = engine_config
         self.name = name
-        self.runner = runner or DenseRunner(config, params, engine_config)
+        self.runner: Runner = runner or DenseRunner(config, params, engine_config)
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @classmethod
     def load(cls, model: str = "smollm2", *, compute_dtype: str = "float32", max_context: int | None = None,
@@ -64,8 +77,10 @@ class LLM:
         scratch_rows, concurrency, threshold, evict_page_cache, verify, selection,
         predictor_threshold, top_k, over_select, lookahead, devices, host_cache, staging,
         resident_dtype, cache_dtype).
-        `devices=N` splits each layer's FFN neurons across N devices (a converted model; without a
-        budget or sparsity, every neuron stays cached: the dense model spread over the devices).
+        `devices=N` splits the model over N devices. The dense engine splits FFN neurons, attention
+        heads (where the kv heads divide by N) and the vocabulary (`flashjax.tensor_parallel`); the
+        flash engine splits each layer's FFN neurons (a converted model with no sparsity given runs
+        the flash engine with every neuron cached, as "hybrid").
         """
         from flashjax.flash.selection import SPARSITY_MODES
         from flashjax.store import is_flash_dir
@@ -94,9 +109,6 @@ class LLM:
             runner = FlashRunner(flash_model, options, engine_config, verbose=verbose)
             return cls(flash_model.config, runner.params, _tokenizer_or_none(flash_model.tokenizer), engine_config,
                        name=str(model), runner=runner)
-        if several_devices:
-            raise ValueError(f"devices={flash_options['devices']} splits the FFN neurons of a converted model across "
-                             f"devices, and {model} is not one: run `flashjax convert {model} OUT` first")
         source = open_model_source(model)
         if memory_budget is not None:
             from flashjax.flash.budget import dense_weight_bytes, parse_budget
@@ -104,8 +116,21 @@ class LLM:
             if parse_budget(memory_budget, need) < need:
                 raise ValueError(f"the dense engine holds {need / 1e6:.1f} MB of weights, over the "
                                  f"{memory_budget} budget: use --sparsity naive or oracle on a converted model")
-        params = load_params(source, jnp.dtype(compute_dtype), progress=progress)
-        return cls(source.config, params, _tokenizer_or_none(source.tokenizer), engine_config, name=str(model))
+        devices = flash_options.get("devices", 1)
+        if devices == 1:
+            params = load_params(source, jnp.dtype(compute_dtype), progress=progress)
+            runner = DenseRunner(source.config, params, engine_config)
+        else:
+            from flashjax.tensor_parallel import TensorParallel
+
+            parallel = TensorParallel.make(source.config, devices)  # a clear error past jax.device_count()
+            if verbose:
+                import sys
+                print(f"flashjax: dense engine on {parallel.describe()}", file=sys.stderr)
+            params = parallel.load_params(source, jnp.dtype(compute_dtype), progress=progress)
+            runner = DenseRunner(source.config, params, engine_config, parallel)
+        return cls(source.config, params, _tokenizer_or_none(source.tokenizer), engine_config, name=str(model),
+                   runner=runner)
 
     # ---- token level ------------------------------------------------------
 
@@ -123,11 +148,10 @@ class LLM:
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits [T, V] for every position of `token_ids` in one forward pass (float32; dense engine)."""
-        if not isinstance(self.runner, DenseRunner):
+        # TEMPORARY getattr: until FlashRunner declares one_pass_logits = False (then self.runner.one_pass_logits).
+        if not self.runner.one_pass_logits:
             raise NotImplementedError("logits() needs every weight resident: load with sparsity='dense'")
-        tokens = np.asarray(token_ids, np.int32)[None]
-        cache = init_kv_cache(self.config, 1, tokens.shape[1], self.runner.compute_dtype)
-        return np.asarray(_all_logits(self.config, self.params, tokens, cache)[0], np.float32)
+        return self.runner.sequence_logits(np.asarray(token_ids, np.int32))
 
     @property
     def weight_bytes(self) -> int:

@@ -41,7 +41,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from flashjax.engine import DenseRunner, _all_logits, _round_up
+from flashjax.engine import cache_capacity, context_limit
 from flashjax.sampling import SamplingParams
 
 
@@ -50,11 +50,6 @@ class TaskFileError(ValueError):
 
 
 # ---- token level --------------------------------------------------------------------------------
-
-def _context_limit(llm) -> int:
-    cfg, engine_cfg = llm.config, llm.engine_config
-    return min(engine_cfg.max_context or cfg.max_position, cfg.max_position)
-
 
 def _logprob_of(logits: np.ndarray, token: int) -> float:
     """log softmax(logits)[token], in float64."""
@@ -71,27 +66,12 @@ def _logprobs_of_rows(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     return x[np.arange(len(tokens)), tokens] - lse
 
 
-def _one_pass_logits(llm, ids: np.ndarray) -> np.ndarray:
-    """Logits [T, V] of every position, one forward pass of the dense engine.
-
-    The input is padded to a multiple of the engine's prefill block (causal attention: the padding
-    cannot change earlier positions), so sequences of many lengths share a few compiled shapes.
-    """
-    from flashjax.model.transformer import init_kv_cache
-
-    padded = max(len(ids), min(_round_up(len(ids), llm.engine_config.prefill_block), _context_limit(llm)))
-    tokens = np.zeros((1, padded), np.int32)
-    tokens[0, :len(ids)] = ids
-    cache = init_kv_cache(llm.config, 1, padded, llm.runner.compute_dtype)
-    return np.asarray(_all_logits(llm.config, llm.params, tokens, cache)[0, :len(ids)])
-
-
 def _check_ids(llm, ids, start_scoring_at: int) -> np.ndarray:
     ids = np.asarray(ids, np.int32).reshape(-1)
     if not 1 <= start_scoring_at <= len(ids):
         raise ValueError(f"start_scoring_at must be in [1, {len(ids)}] for {len(ids)} tokens, "
                          f"got {start_scoring_at} (the first token has no context to be scored in)")
-    limit = _context_limit(llm)
+    limit = context_limit(llm.config, llm.engine_config)
     if len(ids) > limit:
         raise ValueError(f"{len(ids)} tokens do not fit in the model's context of {limit} tokens")
     vocab = llm.config.vocab_size
@@ -101,12 +81,13 @@ def _check_ids(llm, ids, start_scoring_at: int) -> np.ndarray:
 
 
 def uses_one_pass(llm, step_by_step: bool | None = None) -> bool:
-    """Whether scoring runs the one-pass dense forward (default for the dense runner) or the
-    runner's own prefill/decode steps (the only way for a flash runner)."""
-    dense = isinstance(llm.runner, DenseRunner)
+    """Whether scoring runs one forward pass over the sequence (the default where the runner can:
+    the dense runner) or the runner's own prefill/decode steps (the only way for a flash runner)."""
+    # TEMPORARY getattr: until FlashRunner declares one_pass_logits = False (then llm.runner.one_pass_logits).
+    one_pass = llm.runner.one_pass_logits
     if step_by_step is None:
-        return dense
-    if not step_by_step and not dense:
+        return one_pass
+    if not step_by_step and not one_pass:
         raise ValueError("one-pass scoring needs every weight resident (the dense engine); "
                          "the flash engine scores step by step")
     return not step_by_step
@@ -123,7 +104,7 @@ def token_logprobs(llm, ids: Sequence[int], start_scoring_at: int = 1, *,
     if start_scoring_at == len(ids):
         return np.zeros(0, np.float64)
     if uses_one_pass(llm, step_by_step):
-        logits = _one_pass_logits(llm, ids[:-1])
+        logits = llm.logits(ids[:-1])
         return _logprobs_of_rows(logits[start_scoring_at - 1:], ids[start_scoring_at:])
     return _stepwise_logprobs(llm, ids, start_scoring_at)
 
@@ -138,10 +119,8 @@ def _stepwise_logprobs(llm, ids: np.ndarray, start_scoring_at: int, progress=Non
 
     runner, sampling = llm.runner, SamplingParams()  # greedy: the sampled token is never used
     key = jax.random.PRNGKey(0)
-    capacity = min(_round_up(len(ids), llm.engine_config.cache_block), _context_limit(llm))
-    runner.start(capacity)
-    if hasattr(runner, "warm_up"):
-        runner.warm_up(sampling, key)
+    runner.start(cache_capacity(len(ids), llm.config, llm.engine_config))
+    runner.warm_up(sampling, key)
     n_prefill = max(1, start_scoring_at - 1)
     _, logits = runner.prefill(ids[:n_prefill], sampling, key)
     out = np.empty(len(ids) - start_scoring_at, np.float64)
@@ -167,7 +146,7 @@ def _is_per_token_mean(key: str) -> bool:
 
 
 class _StatsAccumulator:
-    """Merges a flash runner's stats() over many start() calls (each start resets its figures)."""
+    """Merges a runner's stats() over many start() calls (each start resets its figures)."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
@@ -195,20 +174,13 @@ class _StatsAccumulator:
         return out
 
 
-def _engine_name(llm) -> str:
-    if isinstance(llm.runner, DenseRunner):
-        return "dense"
-    options = getattr(llm.runner, "options", None)
-    return getattr(options, "sparsity", type(llm.runner).__name__)
-
-
 class _Scorer:
-    """Scores sequences with one LLM, keeping the flash runner's statistics across sequences."""
+    """Scores sequences with one LLM, keeping the runner's per-step statistics across sequences when
+    it scores step by step."""
 
     def __init__(self, llm, step_by_step: bool | None):
         self.llm = llm
         self.one_pass = uses_one_pass(llm, step_by_step)
-        self.flash = not isinstance(llm.runner, DenseRunner)
         self.stats = _StatsAccumulator()
 
     def __call__(self, ids: np.ndarray, start_scoring_at: int, progress=None) -> np.ndarray:
@@ -219,13 +191,14 @@ class _Scorer:
                 progress.update(len(out))
             return out
         out = _stepwise_logprobs(self.llm, ids, start_scoring_at, progress)
-        if self.flash:
-            self.stats.add(self.llm.runner.stats(), len(ids) - max(1, start_scoring_at - 1) - 1)
+        self.stats.add(self.llm.runner.stats(), len(ids) - max(1, start_scoring_at - 1) - 1)
         return out
 
     def describe(self) -> dict:
-        info = {"engine": _engine_name(self.llm), "method": "one-pass" if self.one_pass else "step-by-step"}
-        if self.flash:
+        # "sparsity" names the engine: "dense", or the flash engine's mode.
+        info = {"engine": self.llm.runner.stats()["sparsity"],
+                "method": "one-pass" if self.one_pass else "step-by-step"}
+        if not self.one_pass:
             stats = self.stats.result()
             info["engine_stats"] = stats
             for key in ("bytes_read_per_token", "neurons_read_per_token", "cache_hit_rate", "memory_budget_bytes",
@@ -316,7 +289,7 @@ def perplexity(llm, text: str | Sequence[int], context: int = 512, stride: int =
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens; the text has {len(ids)}")
-    limit = _context_limit(llm)
+    limit = context_limit(llm.config, llm.engine_config)
     if context > limit:
         raise ValueError(f"context {context} is longer than the model's context of {limit} tokens: "
                          f"pass a context of at most {limit}")
