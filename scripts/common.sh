@@ -111,7 +111,7 @@ for path in sys.argv[1:]:
             continue
         ratio = row["ratio_to_bound"]
         print(f"  [{row['memory_budget']}] {row['config']}: {row['decode_ms_per_token']:.1f} ms/token "
-              f"(I/O {row['io_ms']:.1f}, memory management {row['mm_ms']:.1f}, compute {row['compute_ms']:.1f}); "
+              f"(I/O {row['io_ms']:.1f}, memory management {row['memory_management_ms']:.1f}, compute {row['compute_ms']:.1f}); "
               f"bound {row['bound_ms_per_token']:.2f} ms" + ("" if ratio is None else f", {ratio:.2f}x the bound"))
     for budget, x in r["speedup_vs_naive"].items():
         print(f"  [{budget}] oracle + windowing + bundling is {x:.1f}x faster than naive")

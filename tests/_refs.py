@@ -72,28 +72,73 @@ class FlashRecorder:
       the gate path), and `ahead[l]`: ids a lookahead predicted for layer l from layer l-1's input;
     - `token`, `pos`: the token decoded and its position.
 
-    It wraps the runner's per-layer FFN step and the selector's methods on the instances only.
+    A context manager: while it is open, the flash kernels the runner calls (`layer_step`,
+    `attention_step`, `ffn_step`) are wrapped so each layer's FFN input and FFN contribution are
+    recorded; the selector's methods are wrapped on the instance. The FFN contribution of a fused
+    layer step is recomputed with the engine's own `ffn_step` over the same rows (same arithmetic).
     """
 
     def __init__(self, llm):
-        runner, selector = llm.runner, llm.runner.selector
+        self.llm = llm
         self.steps: list[dict] = []
-        decode, ffn = runner.decode, runner._ffn
+        self._layer = -1
+        self._decoding = False
+
+    def __enter__(self):
+        import jax.numpy as jnp
+
+        from flashjax.flash import kernels
+
+        runner, selector = self.llm.runner, self.llm.runner.selector
+        self._kernels = kernels
+        self._saved = {name: getattr(kernels, name) for name in ("layer_step", "attention_step", "ffn_step")}
+        layer_step, attention_step, ffn_step = (self._saved[n] for n in ("layer_step", "attention_step", "ffn_step"))
+
+        def record(h, contribution):
+            if not self._decoding:
+                return  # the prefill streams every neuron, uncached
+            step, l = self.steps[-1], self._layer
+            step["h"][l] = np.asarray(h, np.float32).reshape(-1)
+            step["out"][l] = step["out"].get(l, 0.0) + np.asarray(contribution, np.float64).reshape(-1)
+
+        def recording_layer_step(cfg, mesh, part_slices, layer, x, positions, start, kv, cached, scratch):
+            self._layer += 1
+            y, h, kv = layer_step(cfg, mesh, part_slices, layer, x, positions, start, kv, cached, scratch)
+            if self._decoding:
+                alone = ffn_step(cfg, mesh, part_slices, jnp.zeros_like(y), h, layer["ffn"].get("b_down"), cached, scratch)
+                record(h, alone)
+            return y, h, kv
+
+        def recording_attention_step(*args, **kwargs):
+            self._layer += 1
+            return attention_step(*args, **kwargs)
+
+        def recording_ffn_step(cfg, mesh, part_slices, x, h, b_down, cached, scratch):
+            y = ffn_step(cfg, mesh, part_slices, x, h, b_down, cached, scratch)
+            record(h, np.asarray(y, np.float64) - np.asarray(x, np.float64))
+            return y
+
+        kernels.layer_step, kernels.attention_step, kernels.ffn_step = (
+            recording_layer_step, recording_attention_step, recording_ffn_step)
+
+        decode = runner.decode
 
         def recording_decode(token, pos, *args, **kwargs):
             self.steps.append(dict(token=int(np.asarray(token).reshape(-1)[0]), pos=int(pos), h={}, out={},
                                    needed={}, ahead={}))
-            return decode(token, pos, *args, **kwargs)
+            self._layer, self._decoding = -1, True
+            try:
+                return decode(token, pos, *args, **kwargs)
+            finally:
+                self._decoding = False
 
-        def recording_ffn(l, x, h, updates, *args, **kwargs):
-            y = ffn(l, x, h, updates, *args, **kwargs)
-            if updates is not None:  # a decode step (the prefill streams every neuron, uncached)
-                step = self.steps[-1]
-                step["h"][l] = np.asarray(h, np.float32).reshape(-1)
-                step["out"][l] = (np.asarray(y, np.float64) - np.asarray(x, np.float64)).reshape(-1)
-            return y
+        prefill = runner.prefill
 
-        runner.decode, runner._ffn = recording_decode, recording_ffn
+        def recording_prefill(*args, **kwargs):
+            self._layer = -1
+            return prefill(*args, **kwargs)
+
+        runner.decode, runner.prefill = recording_decode, recording_prefill
         begin = selector.begin
 
         def recording_begin(token, pos):
@@ -122,6 +167,12 @@ class FlashRecorder:
                 return ids
 
             selector.ahead = recording_ahead
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(self._kernels, name, fn)
+        return False
 
     def used(self, step: dict, l: int) -> np.ndarray:
         """The neurons the engine's FFN of layer l ran over in `step` with window 1: the selector's set,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashjax.cache import CacheUpdate, LayerNeuronCache
+from flashjax.flash.neuron_cache import CacheUpdate, LayerNeuronCache
 
 WIDTH = 3
 

@@ -34,7 +34,7 @@ def test_flash_tokens_equal_dense(tiny_flash, sparsity, cache_share):
     ours, stats = drain_tokens(llm, prompt)
     assert ours == expected
     assert stats["weights_bytes"] <= stats["memory_budget_bytes"]
-    for key in ("io_ms", "mm_ms", "compute_ms", "bytes_read_per_token", "neurons_read_per_token",
+    for key in ("io_ms", "memory_management_ms", "compute_ms", "bytes_read_per_token", "neurons_read_per_token",
                 "evicted_per_token", "cache_hit_rate"):
         assert key in stats
     if sparsity == "naive":

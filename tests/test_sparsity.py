@@ -260,10 +260,10 @@ def test_gate_path(tiny, tmp_path):
 def _decode_recorded(flash, n=8, seed=21, **options):
     """(prompt + generated ids, the FlashRecorder, stats) of n greedy tokens decoded at window 1."""
     llm = flashjax.load(flash, window=1, **options)
-    recorder = FlashRecorder(llm)
     prompt = random_ids(6, llm.config.vocab_size, seed=seed)
     try:
-        tokens, stats = drain_tokens(llm, prompt, n)
+        with FlashRecorder(llm) as recorder:
+            tokens, stats = drain_tokens(llm, prompt, n)
     finally:
         llm.runner.close()
     assert len(recorder.steps) == n - 1 and all(len(s["out"]) == llm.config.n_layers for s in recorder.steps)

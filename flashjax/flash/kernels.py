@@ -53,40 +53,56 @@ def _on_shards(mesh, fn, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "live_rows"))
-def cached_ffn(cfg: ModelConfig, mesh, x, h, buffers, counts, b_down, live_rows):
-    """x + FFN(h) over every device's cached rows (+ the resident down-projection bias).
+def _sparse_ffn(cfg: ModelConfig, mesh, part_slices, h, cached, scratch):
+    """FFN(h) [B, T, D] over every device's cached rows plus a chunk of streamed records, summed
+    across the mesh (+ nothing else: the caller adds the down-projection bias).
 
-    `buffers`: {part: [S * capacity, width]} split by device; `counts`: [S] live rows per device.
-    Only the first `live_rows` (a power-of-two bucket >= every count, static) rows of each device's
-    cache are multiplied, so a mostly empty cache costs little; rows past a device's count are
-    masked. The devices' partial outputs are summed across the mesh.
+    `cached`: ({part: [S * capacity, width]}, counts [S]) or None (no cache): every device's buffer,
+    rows past its count masked. The whole capacity is multiplied, so the count never changes a
+    shape. `scratch`: (records [S, rows, R], valid rows [S]) or None.
     """
+    args, specs = [h], [P()]
+    if cached is not None:
+        args.append(cached)
+        specs.append((P(NEURONS), P(NEURONS)))
+    if scratch is not None:
+        args.append(scratch)
+        specs.append((P(NEURONS), P(NEURONS)))
 
-    def local(h, buffers, counts):
-        # A cache kept in the storage dtype (cache_dtype="storage") is converted block by block as it
-        # is multiplied (model/matmul.py), never as a whole.
-        live = {name: buf[:live_rows] for name, buf in buffers.items()}
-        return jax.lax.psum(_rows_ffn(cfg, live, jnp.arange(live_rows) < counts[0], h), NEURONS)
+    def local(h, *parts):
+        out, parts = jnp.zeros(h.shape, h.dtype), iter(parts)
+        if cached is not None:
+            buffers, counts = next(parts)
+            capacity = next(iter(buffers.values())).shape[0]
+            out = out + _rows_ffn(cfg, buffers, jnp.arange(capacity) < counts[0], h)
+        if scratch is not None:
+            records, n_valid = next(parts)
+            out = out + _rows_ffn(cfg, split_records(records[0], part_slices), jnp.arange(records.shape[1]) < n_valid[0], h)
+        return jax.lax.psum(out, NEURONS)
 
-    out = _on_shards(mesh, local, (P(), P(NEURONS), P(NEURONS)), P())(h, buffers, counts)
-    if b_down is not None:
-        out = out + b_down
-    return x + out.astype(x.dtype)
+    return _on_shards(mesh, local, tuple(specs), P())(*args)
+
+
+def _with_bias(out, b_down):
+    return out if b_down is None else out + b_down
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "part_slices"), donate_argnames=("kv",))
+def layer_step(cfg: ModelConfig, mesh, part_slices, layer, x, positions, start, kv, cached, scratch):
+    """One whole layer in one dispatch, for neuron sets known before the layer runs (naive, hybrid,
+    oracle, prefill): attention, then the FFN over the cached rows and one scratch chunk.
+    Returns (residual stream, FFN input (for any further scratch chunks), this layer's KV cache)."""
+    x, kv = attention_block(cfg, layer, x, positions, start, kv, inverse_frequencies(cfg))
+    h = ffn_input(cfg, layer, x)
+    out = _with_bias(_sparse_ffn(cfg, mesh, part_slices, h, cached, scratch), layer["ffn"].get("b_down"))
+    return x + out.astype(x.dtype), h, kv
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "part_slices"))
-def scratch_ffn(cfg: ModelConfig, mesh, part_slices, x, h, scratch, n_scratch):
-    """x + FFN over chunks of records streamed through scratch (read this step, not cached).
-
-    `scratch`: [S, rows, R] storage dtype, device s's chunk; `n_scratch`: [S] its valid rows.
-    """
-
-    def local(h, scratch, n_scratch):
-        rows = split_records(scratch[0], part_slices)
-        return jax.lax.psum(_rows_ffn(cfg, rows, jnp.arange(scratch.shape[1]) < n_scratch[0], h), NEURONS)
-
-    out = _on_shards(mesh, local, (P(), P(NEURONS), P(NEURONS)), P())(h, scratch, n_scratch)
+def ffn_step(cfg: ModelConfig, mesh, part_slices, x, h, b_down, cached, scratch):
+    """x + FFN(h) over the cached rows and one scratch chunk, for neuron sets chosen from this
+    layer's own FFN input (predictor, gate), where attention ran as its own step."""
+    out = _with_bias(_sparse_ffn(cfg, mesh, part_slices, h, cached, scratch), b_down)
     return x + out.astype(x.dtype)
 
 

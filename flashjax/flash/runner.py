@@ -7,7 +7,7 @@ ahead -> rows land in the layer's preallocated device buffer (one jitted
 scatter, no reallocation) -> the FFN runs over the cached rows plus any
 surplus streamed through scratch -> next layer.
 
-Same interface as `engine.DenseRunner`, so the generation loop is shared.
+Implements `runner_protocol.Runner`, as the dense runner does, so the generation loop is shared.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashjax.cache import LayerNeuronCache
+from flashjax.flash.neuron_cache import LayerNeuronCache
 from flashjax.config import EngineConfig
-from flashjax.engine import _round_up
+from flashjax.engine import ensure_kv_cache, kv_capacity, pad_prompt, sampling_args
 from flashjax.flash import kernels
 from flashjax.flash.budget import BudgetTooSmallError, dense_weight_bytes, parse_budget, plan_memory
-from flashjax.flash.prefetch import Prefetcher
+from flashjax.flash.reader import NeuronReader
 from flashjax.flash.selection import NaiveSelector, OracleSelector
+from flashjax.flash.stats import TokenStats, summarize
 from flashjax.flash.shards import NeuronPartition, ShardPlacer, make_mesh
 from flashjax.store.ffn_store import block_neurons
-from flashjax.model.transformer import init_kv_cache
 from flashjax.sampling import SamplingParams
 
 
@@ -131,10 +131,11 @@ class FlashRunner:
                         for s in range(options.devices)] for _ in range(cfg.n_layers)]
         self.buffers = [{name: self.placer.zeros((options.devices * rows, stop - start), self.cache_dtype)
                          for name, (start, stop) in self.part_slices} for _ in range(cfg.n_layers)]
-        self.prefetcher = Prefetcher(self.store, options.prefetch_depth)
+        self.reader = NeuronReader(self.store, options.prefetch_depth)
         self.kv = None
         self._warm = False
-        self.token_stats: list[dict] = []
+        self._last_step_end = None
+        self.token_stats: list[TokenStats] = []
 
     def _plan(self, budget, resident_bytes: int, cache_dtype):
         # Predictors and a resident gate projection are held in memory too: they count. With several
@@ -208,55 +209,54 @@ class FlashRunner:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self, capacity: int) -> None:
-        if self.kv is None or self.kv[0][0].shape[2] != capacity:
-            self.kv = self.placer.replicate(init_kv_cache(self.cfg, 1, capacity, self.compute_dtype))
+        self.kv = ensure_kv_cache(self.kv, self.cfg, capacity, self.compute_dtype, self.placer.replicated)
         self.selector.start(capacity)
         for layer in self.caches:
             for cache in layer:
                 cache.reset()
         self.token_stats = []
+        self._last_step_end = None
 
-    def warm_up(self, s: SamplingParams, key) -> None:
-        """Compiles every shape a decode step can meet (update and live-row buckets, the per-layer
-        step, the head) on throwaway inputs before any timing starts."""
+    def warm_up(self, sampling: SamplingParams, key) -> None:
+        """Compiles every shape a decode step can meet (cache-update buckets, the whole-layer step and
+        the FFN step with and without each scratch bucket, the head) on throwaway inputs before any
+        timing starts."""
         if self._warm:
             return
         cfg, cap, width = self.cfg, self.plan.cache_rows_per_layer, self.store.record_width
         n_dev = self.options.devices
-        buckets = sorted({min(cap, _bucket(n)) for n in [1 << k for k in range(0, max(cap, 1).bit_length() + 1)]}
-                         - {0}) if cap else []
-        for size in sorted({_bucket(n) for n in buckets}):
+        for size in sorted({_bucket(1 << k) for k in range(0, max(cap, 1).bit_length() + 1)}) if cap else []:
             drop = np.full((n_dev, size), cap, np.int32)  # every destination out of range: no change
             self.buffers[0] = kernels.update_cache(self.mesh, self.part_slices, self.buffers[0], *self.placer.shards(
                 np.zeros((n_dev, size), np.int32), drop, drop, np.zeros((n_dev, size, width), self.store.dtype)))
         x = self.placer.replicate(jnp.zeros((1, 1, cfg.d_model), self.compute_dtype))
-        b_down = self.params["layers"][0]["ffn"].get("b_down")
-        no_rows, = self.placer.shards(np.zeros(n_dev, np.int32))
-        for live in [0] + buckets:
-            kernels.cached_ffn(cfg, self.mesh, x, x, self.buffers[0], no_rows, b_down, live_rows=live)
-        s_rows = self.plan.scratch_rows
-        for chunk in sorted({_scratch_bucket(1 << k, s_rows) for k in range(0, s_rows.bit_length() + 1)}):
-            kernels.scratch_ffn(cfg, self.mesh, self.part_slices, x, x,
-                                *self.placer.shards(np.zeros((n_dev, chunk, width), self.store.dtype),
-                                                    np.zeros(n_dev, np.int32)))
         positions = np.zeros((1, 1), np.int32)
+        cached = (self.buffers[0], self.placer.shards(np.zeros(n_dev, np.int32))[0]) if cap else None
+        s_rows = self.plan.scratch_rows
+        chunks = [None] + [self.placer.shards(np.zeros((n_dev, size, width), self.store.dtype), np.zeros(n_dev, np.int32))
+                           for size in sorted({_scratch_bucket(1 << k, s_rows) for k in range(0, s_rows.bit_length() + 1)})]
+        b_down = self.params["layers"][0]["ffn"].get("b_down")
+        for chunk in chunks:
+            kv = jax.tree.map(jnp.copy, self.kv[0])
+            kernels.layer_step(cfg, self.mesh, self.part_slices, self.params["layers"][0], x, positions, np.int32(0),
+                               kv, cached, chunk)
+            kernels.ffn_step(cfg, self.mesh, self.part_slices, x, x, None, None, chunk)  # chunks past the first
+            if self.selector.per_layer:  # attention apart, then the FFN over what the layer's input chose
+                for maybe_cached in ([None] if cached is None else [None, cached]):
+                    kernels.ffn_step(cfg, self.mesh, self.part_slices, x, x, b_down, maybe_cached, chunk)
+        if self.selector.per_layer:
+            kv = jax.tree.map(jnp.copy, self.kv[0])
+            kernels.attention_step(cfg, self.params["layers"][0], x, positions, np.int32(0), kv)
         kernels.embed_tokens(cfg, self.params, np.zeros((1, 1), np.int32), positions, self.compute_dtype)
-        kv = jax.tree.map(jnp.copy, self.kv[0])
-        kernels.attention_step(cfg, self.params["layers"][0], x, positions, np.int32(0), kv)
-        kernels.head(cfg, self.params, x, np.int32(0), key, np.float32(1.0), np.int32(0), np.float32(1.0),
-                     greedy=s.greedy)
+        kernels.head(cfg, self.params, x, np.int32(0), *sampling_args(key, 0, sampling), greedy=sampling.greedy)
         self._warm = True
 
     def compile_count(self) -> int:
-        fns = (kernels.embed_tokens, kernels.attention_step, kernels.cached_ffn, kernels.scratch_ffn,
+        fns = (kernels.embed_tokens, kernels.attention_step, kernels.layer_step, kernels.ffn_step,
                kernels.update_cache, kernels.head)
         return sum(f._cache_size() for f in fns)
 
     # ---- one token ------------------------------------------------------------------------------
-
-    def _live_rows(self, count: int) -> int:
-        cap = self.plan.cache_rows_per_layer
-        return 0 if count == 0 else min(cap, _bucket(count))
 
     def _step_caches(self, l: int, needed: np.ndarray) -> list:
         """Each device's cache of layer l takes its share of `needed` (global ids): [CacheUpdate]."""
@@ -276,21 +276,20 @@ class FlashRunner:
         local = self.partition.split(ids)
         return self.partition.join([part[cache.slot_of[part] < 0] for cache, part in zip(self.caches[l], local)])
 
-    def _ffn(self, l, x, h, updates, rows, read_ids, stats):
-        """FFN of layer l on every device: apply the cache updates, run the cached rows, then stream
-        what did not fit through scratch chunks.
+    def _update_caches(self, l, updates, rows, read_ids, stats):
+        """Layer l's caches take their updates; returns (cached, surplus) for the FFN.
 
-        `updates`: each device's CacheUpdate, or None (prefill: everything in `rows` is scratch);
-        `rows` holds the records of `read_ids`, devices in order. Per-device arrays are stacked
-        [S, ...] and padded to one shared bucket, so each step is one transfer and one dispatch
-        whatever the devices' counts. A chunk is padded to a power-of-four length (at most
-        `scratch_rows`): a step with little surplus does not pay for a full chunk.
+        `updates`: each device's CacheUpdate, or None (prefill: everything read is surplus, the
+        caches are left alone); `rows` holds the records of `read_ids`, devices in order. One update
+        dispatch for all devices: per-device arrays are stacked [S, ...] and padded to a shared
+        bucket. `cached` is (buffers, live rows per device), or None when no row is live-able (no
+        cache, or prefill); `surplus` is each device's records that were read but not cached.
         """
         t0 = time.perf_counter()
         n_dev, cap, width = self.options.devices, self.plan.cache_rows_per_layer, rows.shape[1]
         per_device = np.searchsorted(read_ids, self.partition.offsets)
-        device_rows = [rows[per_device[s]:per_device[s + 1]] for s in range(n_dev)]
-        counts = np.zeros(n_dev, np.int32)
+        surplus = [rows[per_device[s]:per_device[s + 1]] for s in range(n_dev)]
+        cached = None
         if updates is not None:
             n_load = [len(u.load_ids) if self.placer.is_local(s) else 0 for s, u in enumerate(updates)]
             size = max(max(_bucket(len(u.moves_src)), _bucket(len(u.load_ids))) for u in updates)
@@ -301,35 +300,41 @@ class FlashRunner:
                 for s, u in enumerate(updates):
                     src[s, :len(u.moves_src)], dst[s, :len(u.moves_dst)] = u.moves_src, u.moves_dst
                     slots[s, :len(u.load_slots)] = u.load_slots
-                    loaded[s, :n_load[s]] = device_rows[s][:n_load[s]]
+                    loaded[s, :n_load[s]] = surplus[s][:n_load[s]]
                 self.buffers[l] = kernels.update_cache(self.mesh, self.part_slices, self.buffers[l],
                                                        *self.placer.shards(src, dst, slots, loaded))
-            device_rows = [r[n:] for r, n in zip(device_rows, n_load)]  # what did not fit: scratch
-            counts[:] = [u.count for u in updates]
+            surplus = [r[n:] for r, n in zip(surplus, n_load)]
+            if cap:
+                counts, = self.placer.shards(np.array([u.count for u in updates], np.int32))
+                cached = (self.buffers[l], counts)
             for u in updates:
-                stats["evicted"] += u.evicted
-                stats["hits"] += u.hits
-        stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
-        x = kernels.cached_ffn(self.cfg, self.mesh, x, h, self.buffers[l], *self.placer.shards(counts),
-                               self.params["layers"][l]["ffn"].get("b_down"), live_rows=self._live_rows(counts.max()))
-        s_rows = self.plan.scratch_rows
-        for begin in range(0, max(len(r) for r in device_rows), s_rows):
-            chunks = [r[begin:begin + s_rows] for r in device_rows]
-            size = _scratch_bucket(max(len(c) for c in chunks), s_rows)
-            if n_dev == 1 and len(chunks[0]) == size:
-                padded = chunks[0][None]  # a full chunk on one device: the read's own rows, no copy
-            else:
-                padded = np.zeros((n_dev, size, width), rows.dtype)
-                for s, chunk in enumerate(chunks):
-                    padded[s, :len(chunk)] = chunk
-            x = kernels.scratch_ffn(self.cfg, self.mesh, self.part_slices, x, h,
-                                    *self.placer.shards(padded, np.array([len(c) for c in chunks], np.int32)))
-        return x
+                stats.evicted += u.evicted
+                stats.hits += u.hits
+        stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
+        return cached, surplus
 
-    @staticmethod
-    def _new_stats() -> dict:
-        return dict(io_wait_ms=0.0, mm_ms=0.0, select_ms=0.0, bytes_read=0, neurons_read=0, read_ops=0,
-                    evicted=0, hits=0, needed=0, ahead_read=0, ahead_used=0, missing=0, host_hits=0)
+    def _scratch_chunks(self, surplus: list[np.ndarray]) -> list:
+        """Each device's surplus records in chunks of at most `scratch_rows`, placed on the mesh:
+        [(records [S, size, R], valid rows [S])]. A chunk is padded to a power-of-four length, so a
+        step with little surplus does not pay for a full chunk."""
+        n_dev, s_rows, chunks = self.options.devices, self.plan.scratch_rows, []
+        for begin in range(0, max(len(r) for r in surplus), s_rows):
+            parts = [r[begin:begin + s_rows] for r in surplus]
+            size = _scratch_bucket(max(len(c) for c in parts), s_rows)
+            if n_dev == 1 and len(parts[0]) == size:
+                padded = parts[0][None]  # a full chunk on one device: the read's own rows, no copy
+            else:
+                padded = np.zeros((n_dev, size, surplus[0].shape[1]), surplus[0].dtype)
+                for s, part in enumerate(parts):
+                    padded[s, :len(part)] = part
+            chunks.append(tuple(self.placer.shards(padded, np.array([len(c) for c in parts], np.int32))))
+        return chunks
+
+    def _remaining_chunks(self, x, h, chunks):
+        """x + FFN over scratch chunks past the first (a surplus larger than `scratch_rows`)."""
+        for chunk in chunks[1:]:
+            x = kernels.ffn_step(self.cfg, self.mesh, self.part_slices, x, h, None, None, chunk)
+        return x
 
     def _plan_ahead(self, needed_ahead, update_caches: bool, stats):
         """For neuron sets known before the token starts (naive, hybrid, oracle, prefill): every
@@ -340,11 +345,11 @@ class FlashRunner:
             if update_caches:
                 updates.append(self._step_caches(l, needed))
                 read_ids.append(self._read_ids(updates[l]))
-                stats["needed"] += len(needed)
+                stats.needed += len(needed)
             else:
                 updates.append(None)
                 read_ids.append(self._local_ids(self.partition.split(needed)))
-        stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
+        stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
         return updates, read_ids
 
     def _layers(self, x, positions, start, ahead, stats):
@@ -352,147 +357,109 @@ class FlashRunner:
 
         `ahead`: (every layer's cache updates, ids to read) from `_plan_ahead` when the neuron sets
         were known before the token started (naive, hybrid, oracle, prefill): all reads go to the
-        prefetch thread at once and run ahead of the compute. None: the selector picks per layer
-        from that layer's FFN input; with lookahead, layer l+1's predicted reads are issued as soon
-        as layer l's input is known.
+        prefetch thread at once and run ahead of the compute, and each layer is one dispatch
+        (attention and FFN together). None: the selector picks per layer from that layer's FFN
+        input, so attention runs as its own step; with lookahead, layer l+1's predicted reads are
+        issued as soon as layer l's input is known.
         """
-        updates, read_ids = ahead if ahead is not None else ([None] * self.cfg.n_layers, [None] * self.cfg.n_layers)
+        cfg, mesh, part_slices = self.cfg, self.mesh, self.part_slices
         if ahead is not None:
-            for l, ids in enumerate(read_ids):
-                self.prefetcher.submit(l, ids)
-        speculative = None  # (layer, ids, pending read, predicted ids) issued from the previous layer's input
+            updates, read_ids = ahead
+            self.reader.submit(read_ids)
         for l, layer in enumerate(self.params["layers"]):
-            x, h, self.kv[l] = kernels.attention_step(self.cfg, layer, x, positions, start, self.kv[l])
             if ahead is not None:
-                _, rows, read, waited = self.prefetcher.get()
-                stats["io_wait_ms"] += waited * 1e3
-                self._count_read(stats, read)
+                rows = self.reader.next_layer(stats)
+                cached, surplus = self._update_caches(l, updates[l], rows, read_ids[l], stats)
+                chunks = self._scratch_chunks(surplus)
+                x, h, self.kv[l] = kernels.layer_step(cfg, mesh, part_slices, layer, x, positions, start, self.kv[l],
+                                                      cached, chunks[0] if chunks else None)
             else:
+                x, h, self.kv[l] = kernels.attention_step(cfg, layer, x, positions, start, self.kv[l])
                 t0 = time.perf_counter()
                 h_here = self.placer.local_copy(h)  # replicated: every device's copy is the same
                 needed = self.selector.needed(l, h_here)
-                next_ids = self.selector.ahead(l + 1, h_here) if l + 1 < self.cfg.n_layers else None
-                stats["select_ms"] += (time.perf_counter() - t0) * 1e3
-                if speculative is not None and speculative[0] == l:
+                next_ids = self.selector.ahead(l + 1, h_here) if l + 1 < cfg.n_layers else None
+                predicted = self.reader.predicted_for(l)
+                if predicted is not None:
                     # What the lookahead predicted is used too: its reads are not wasted, and the
                     # extra neurons only bring the FFN closer to dense.
-                    needed = np.union1d(needed, speculative[3])
+                    needed = np.union1d(needed, predicted)
+                stats.select_ms += (time.perf_counter() - t0) * 1e3
                 t0 = time.perf_counter()
-                updates[l] = self._step_caches(l, needed)
-                read_ids[l] = self._read_ids(updates[l])
-                stats["mm_ms"] += (time.perf_counter() - t0) * 1e3
-                rows = self._read_layer(l, read_ids[l], speculative, stats)
-                speculative = None
+                layer_updates = self._step_caches(l, needed)
+                layer_read_ids = self._read_ids(layer_updates)
+                stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
+                rows = self.reader.take(l, layer_read_ids, stats)
                 if next_ids is not None:
                     # Only what layer l+1's caches lack; its reads overlap this layer's compute. Whole
                     # blocks are read anyway, so keep all their rows: a neuron the lookahead missed
                     # but that shares a block with one it caught is then not read a second time.
-                    missing = _whole_blocks(self._uncached(l + 1, next_ids), self.store.ffn_block, self.cfg.d_ffn)
-                    speculative = (l + 1, missing, self.store.read_neurons_async(l + 1, missing), next_ids)
-                stats["needed"] += len(needed)
-            x = self._ffn(l, x, h, updates[l], rows, read_ids[l], stats)
+                    missing = _whole_blocks(self._uncached(l + 1, next_ids), self.store.ffn_block, cfg.d_ffn)
+                    self.reader.expect(l + 1, missing, next_ids)
+                stats.needed += len(needed)
+                cached, surplus = self._update_caches(l, layer_updates, rows, layer_read_ids, stats)
+                chunks = self._scratch_chunks(surplus)
+                x = kernels.ffn_step(cfg, mesh, part_slices, x, h, layer["ffn"].get("b_down"), cached,
+                                     chunks[0] if chunks else None)
+            x = self._remaining_chunks(x, h, chunks)
         return x
 
-    @staticmethod
-    def _count_read(stats, read) -> None:
-        """Adds a finished read's disk counters (and, with a host tier, the neurons it served)."""
-        stats["bytes_read"] += read.stats.bytes
-        stats["neurons_read"] += read.stats.neurons
-        stats["read_ops"] += read.stats.ranges
-        stats["host_hits"] += getattr(read, "host_hits", 0)
-
-    def _read_layer(self, l, read_ids, speculative, stats):
-        """Records of `read_ids` for layer l: those the lookahead already fetched, the rest read now."""
-        t0 = time.perf_counter()
-        have = np.zeros(0, np.int64)
-        if speculative is not None and speculative[0] == l:
-            _, have, pending, _ = speculative
-            have_rows = pending.result()
-            self._count_read(stats, pending)
-            stats["ahead_read"] += len(have)
-        fetched = np.isin(read_ids, have)
-        stats["ahead_used"] += int(fetched.sum())
-        stats["missing"] += len(read_ids)
-        rest = read_ids[~fetched]
-        rows = np.empty((len(read_ids), self.store.record_width), self.store.dtype)
-        if len(rest):
-            pending = self.store.read_neurons_async(l, rest)
-            rows[~fetched] = pending.result()
-            self._count_read(stats, pending)
-        if fetched.any():
-            rows[fetched] = have_rows[np.searchsorted(have, read_ids[fetched])]
-        stats["io_wait_ms"] += (time.perf_counter() - t0) * 1e3
-        return rows
-
-    def prefill(self, prompt: np.ndarray, s: SamplingParams, key):
-        capacity = self.kv[0][0].shape[2]
-        padded = min(_round_up(len(prompt), self.engine_cfg.prefill_block), capacity)
-        tokens = np.zeros((1, padded), np.int32)
-        tokens[0, :len(prompt)] = prompt
+    def prefill(self, prompt: np.ndarray, sampling: SamplingParams, key):
+        self._last_step_end = None  # a new sequence: the first decode's period starts at that decode
+        tokens = pad_prompt(prompt, self.engine_cfg.prefill_block, kv_capacity(self.kv))
+        padded = tokens.shape[1]
         self.selector.prefill(tokens[0, :len(prompt)])
         positions = np.arange(padded, dtype=np.int32)[None]
         x = kernels.embed_tokens(self.cfg, self.params, tokens, positions, self.compute_dtype)
         # The prompt's tokens together use nearly every neuron: stream each whole layer once, uncached.
         everything = [np.arange(self.cfg.d_ffn)] * self.cfg.n_layers
-        stats = self._new_stats()
+        stats = TokenStats()
         x = self._layers(x, positions, np.int32(0), self._plan_ahead(everything, False, stats), stats)
-        return self._here(kernels.head(self.cfg, self.params, x, np.int32(len(prompt) - 1), jax.random.fold_in(key, len(prompt)),
-                            np.float32(s.temperature or 1.0), np.int32(s.top_k), np.float32(s.top_p),
-                            greedy=s.greedy))
+        return self._here(kernels.head(self.cfg, self.params, x, np.int32(len(prompt) - 1),
+                                       *sampling_args(key, len(prompt) - 1, sampling), greedy=sampling.greedy))
 
     def _here(self, out):
         """(token, logits), replicated on the mesh -> this process's copy, which host code reads."""
         return jax.tree.map(self.placer.local_copy, out)
 
-    def decode(self, token, pos: int, s: SamplingParams, key):
-        token_id = int(token[0])
+    def decode(self, token, pos: int, sampling: SamplingParams, key):
+        """One token. Nothing here waits for the device: like the dense engine, the step is dispatched
+        and the caller reads the token when it needs it, so this token's host work (reads, cache
+        bookkeeping) overlaps the previous token's compute. Only the oracle (a measuring device)
+        needs the token id on the host."""
         if self.options.evict_page_cache:
             self.store.evict_page_cache()
         # Outside the timings: the oracle is a measuring device. Per-layer selectors return None here.
-        needed = self.selector.begin(token_id, pos)
+        needed = self.selector.begin(int(token[0]) if self.selector.needs_token else None, pos)
         t0 = time.perf_counter()
-        stats = self._new_stats()
+        stats = TokenStats()
         ahead = None if needed is None else self._plan_ahead(needed, True, stats)
         positions = np.full((1, 1), pos, np.int32)
-        tokens = np.array([[token_id]], np.int32)
-        sampling = (jax.random.fold_in(key, pos + 1), np.float32(s.temperature or 1.0), np.int32(s.top_k),
-                    np.float32(s.top_p))
+        # The token stays on the device (no wait for it); on several devices it is copied to all of them.
+        tokens = self.placer.replicate(jnp.reshape(token, (1, 1)))
         x = kernels.embed_tokens(self.cfg, self.params, tokens, positions, self.compute_dtype)
         x = self._layers(x, positions, np.int32(pos), ahead, stats)
-        out = kernels.head(self.cfg, self.params, x, np.int32(0), *sampling, greedy=s.greedy)
-        out = self._here(jax.block_until_ready(out))
-        stats["total_ms"] = (time.perf_counter() - t0) * 1e3
-        stats["compute_ms"] = stats["total_ms"] - stats["io_wait_ms"] - stats["mm_ms"]
+        out = self._here(kernels.head(self.cfg, self.params, x, np.int32(0), *sampling_args(key, pos, sampling),
+                                      greedy=sampling.greedy))
+        # The token's period: from the end of the previous step's dispatch (or this step's start) to
+        # the end of this one's. With steps dispatched ahead, that is what a token costs.
+        now = time.perf_counter()
+        since = t0 if self._last_step_end is None else self._last_step_end
+        self._last_step_end = now
+        stats.total_ms = (now - since) * 1e3
+        stats.compute_ms = max(0.0, stats.total_ms - stats.io_wait_ms - stats.memory_management_ms)
         self.token_stats.append(stats)
         return out
 
     def stats(self) -> dict:
-        per_token = self.token_stats
-        n = len(per_token) or 1
-        mean = lambda key: sum(t[key] for t in per_token) / n
-        needed = sum(t["needed"] for t in per_token)
+        """The plan, and per-token means over the decode steps since `start` (flash/stats.py)."""
         return {
             "sparsity": self.options.sparsity,
             "memory_budget_bytes": self.plan.budget_bytes,
             "weights_bytes": self.plan.total_bytes,
             "resident_bytes": self.plan.resident_bytes,
             "cache_rows_per_layer": self.plan.cache_rows_per_layer,
-            "io_ms": mean("io_wait_ms"), "mm_ms": mean("mm_ms"), "compute_ms": mean("compute_ms"),
-            "step_ms": mean("total_ms"),
-            # Per-token time of the engine's own work; the oracle's full computation is excluded.
-            "decode_ms_per_token": mean("total_ms") if per_token else None,
-            "tokens_per_s": 1e3 / mean("total_ms") if per_token else None,
-            "bytes_read_per_token": mean("bytes_read"), "neurons_read_per_token": mean("neurons_read"),
-            "read_ops_per_token": mean("read_ops"), "evicted_per_token": mean("evicted"),
-            "cache_hit_rate": (sum(t["hits"] for t in per_token) / needed) if needed else None,
-            "select_ms": mean("select_ms"),
-            "needed_neurons_per_token": needed / n,
-            # Lookahead: of the neurons a layer had to read, the share already read from the
-            # previous layer's input; and how much of what was read ahead was then used.
-            "lookahead_coverage": (sum(t["ahead_used"] for t in per_token) / max(1, sum(t["missing"] for t in per_token)))
-            if any(t["ahead_read"] for t in per_token) else None,
-            "lookahead_precision": (sum(t["ahead_used"] for t in per_token) / max(1, sum(t["ahead_read"] for t in per_token)))
-            if any(t["ahead_read"] for t in per_token) else None,
+            **summarize(self.token_stats),
             "ffn_bytes": self.cfg.n_layers * self.cfg.d_ffn * self.store.record_nbytes,
             # Per device when devices > 1: weights_bytes, memory_budget_bytes, cache_rows_per_layer.
             "devices": self.options.devices,
@@ -500,9 +467,13 @@ class FlashRunner:
             "cache_dtype": self._dtype_name(self.cache_dtype),
             "platform": self.placer.mesh.devices.flat[0].platform,
             "staging": self.placer.staging,
-            "host_hits_per_token": mean("host_hits"),
             "host_cache_bytes": getattr(self.store, "nbytes", 0) if self.options.host_cache is not None else 0,
         }
 
+    one_pass_logits = False  # scored step by step: sparsity acts in decode steps
+
+    def sequence_logits(self, tokens):
+        raise NotImplementedError("the flash engine scores step by step (prefill + decode)")
+
     def close(self) -> None:
-        self.prefetcher.close()
+        self.reader.close()

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashjax.config import ModelConfig
-from flashjax.engine import _round_up
+from flashjax.engine import round_up
 from flashjax.model.layers import dense_ffn_apply
 from flashjax.model.transformer import forward, init_kv_cache
 
@@ -22,6 +22,9 @@ SPARSITY_MODES = ("dense", "naive", "hybrid", "oracle", "predictor", "gate")
 
 class NaiveSelector:
     """Every neuron, every token: the paper's baseline (run with no cache, it reads the whole FFN)."""
+
+    per_layer = False  # every layer's set is known when the token starts (`begin`)
+    needs_token = False  # `begin` does not look at the token id (so the host never waits for it)
 
     def __init__(self, cfg: ModelConfig):
         self._all = np.arange(cfg.d_ffn, dtype=np.int64)
@@ -61,6 +64,9 @@ class OracleSelector:
     practice all of them), or with calibrated thresholds, the target share by true magnitude.
     """
 
+    per_layer = False
+    needs_token = True  # it runs the dense model on the token itself
+
     def __init__(self, cfg: ModelConfig, full_params, threshold=0.0):
         # A scalar, or one threshold per layer (e.g. calibrated to a target sparsity).
         self.cfg, self.params = cfg, full_params
@@ -72,7 +78,7 @@ class OracleSelector:
 
     def prefill(self, prompt) -> None:
         capacity = self.cache[0][0].shape[2]
-        padded = min(_round_up(len(prompt), 64), capacity)
+        padded = min(round_up(len(prompt), 64), capacity)
         tokens = np.zeros((1, padded), np.int32)
         tokens[0, :len(prompt)] = prompt
         # Slots past the prompt get padding; each is rewritten by `begin` before any query sees it.
@@ -89,6 +95,9 @@ class PredictorSelector:
     """The paper's low-rank predictors (from `flashjax calibrate`), one per layer, on that layer's
     FFN input; with lookahead, a second predictor per layer guesses layer l+1's neurons from layer
     l's input so their reads start before layer l+1's attention has run."""
+
+    per_layer = True  # picks from each layer's FFN input (`needed`); `begin` returns None
+    needs_token = False
 
     def __init__(self, predictors, selection, lookahead: bool = True):
         self.predictors, self.selection = predictors, selection

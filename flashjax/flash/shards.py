@@ -105,6 +105,10 @@ class ShardPlacer:
 
     def shards(self, *arrays: np.ndarray):
         """Stacked host arrays [n_shards, ...] -> global arrays split along the mesh, one per shard."""
+        if self._one_device and self.staging == "direct":
+            # The jitted call transfers its numpy arguments itself, for far less than a device_put
+            # with a sharding (measured: about 0.2 ms per call, 60 calls a token).
+            return arrays
         target = self._landing
         if self._single_process:
             placed = jax.device_put(list(arrays), target)  # one batched transfer
