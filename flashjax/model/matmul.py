@@ -11,7 +11,7 @@ matrix is larger than the cache. Converting one cache-sized block of rows at a t
 keeps the converted block in cache. bfloat16 is fastest as an elementwise product and a sum, which
 XLA:CPU fuses into one pass over the weights. GPUs and TPUs fuse the convert into the dot, so
 there the plain form is used. `benchmarks/bench_matmul.py` measures every form; the choices and
-block size below come from its table (see the README's "Performance notes").
+block size below come from its table (the README's "Performance notes" sum it up).
 
 Axis letters: K the contracted axis, N the other axis of the weight matrix.
 """
