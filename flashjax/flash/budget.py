@@ -98,3 +98,33 @@ def plan_memory(cfg: ModelConfig, budget_bytes: int | None, resident_bytes: int,
         rows = min(limit, (budget_bytes - minimum) // (row_bytes * cfg.n_layers))
     return MemoryPlan(budget_bytes, resident_bytes, int(rows), row_bytes, scratch_rows, io_bytes,
                       cfg.n_layers, cfg.d_ffn, scratch_row_bytes)
+
+
+def choose_dtypes(resident_choice: str, cache_choice: str, compute_dtype, storage_dtype, full_rows: int,
+                  plan_for) -> tuple:
+    """(resident dtype, cache dtype, memory plan): what the resident weights and the cached rows are
+    held in. Pure: `plan_for(resident, cache_dtype)` returns the MemoryPlan of one pairing (or raises
+    BudgetTooSmallError), with `resident` the compute dtype or "stored" (matrices as stored, norms
+    and biases float32).
+
+    A fixed choice ("compute", "storage") is taken as given; "auto" keeps the compute dtype while
+    every neuron's row (`full_rows` per layer) still fits the budget (no conversion per token), else
+    holds rows, then resident weights too, in the storage dtype: multiplying them as stored costs
+    far less than reading from disk the rows the narrower copy makes room for. Without any pairing
+    that fits, the last BudgetTooSmallError (the widest minimum) is raised.
+    """
+    options = lambda choice, narrow: {"compute": [compute_dtype], "storage": [narrow],
+                                      "auto": [compute_dtype, narrow]}[choice]
+    plans, error = [], None
+    for resident in options(resident_choice, "stored"):
+        for cache in options(cache_choice, storage_dtype):
+            try:
+                plans.append((resident, cache, plan_for(resident, cache)))
+            except BudgetTooSmallError as e:
+                error = e
+    if not plans:
+        raise error
+    for resident, cache, plan in plans:  # in order of preference: compute first
+        if plan.cache_rows_per_layer >= full_rows:
+            return resident, cache, plan
+    return max(plans, key=lambda p: p[2].cache_rows_per_layer)

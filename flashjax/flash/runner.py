@@ -24,7 +24,7 @@ from flashjax.flash.neuron_cache import LayerNeuronCache
 from flashjax.config import EngineConfig
 from flashjax.engine import ensure_kv_cache, kv_capacity, pad_prompt, sampling_args
 from flashjax.flash import kernels
-from flashjax.flash.budget import BudgetTooSmallError, dense_weight_bytes, parse_budget, plan_memory
+from flashjax.flash.budget import choose_dtypes, dense_weight_bytes, parse_budget, plan_memory
 from flashjax.flash.reader import NeuronReader
 from flashjax.flash.selection import NaiveSelector, OracleSelector
 from flashjax.flash.stats import TokenStats, summarize
@@ -153,28 +153,13 @@ class FlashRunner:
         return "as stored" if isinstance(dtype, str) else np.dtype(dtype).name
 
     def _choose_dtypes(self, flash_model, budget):
-        """(resident dtype, cache dtype, memory plan). Fixed choices are taken as given; "auto" keeps
-        the compute dtype while every neuron's row still fits the budget (no conversion per token),
-        else holds rows, then resident weights too, in the storage dtype: converting as they are
-        multiplied costs far less than reading from disk the rows the narrower copy makes room for."""
-        opts, compute, storage = self.options, self.compute_dtype, self.store.dtype
+        """(resident dtype, cache dtype, memory plan): see budget.choose_dtypes."""
+        compute = self.compute_dtype
         # Resident weights "as stored": matrices in the storage dtype, norm scales and biases float32.
         resident_bytes = {compute: flash_model.resident_nbytes(compute), "stored": flash_model.resident_nbytes("stored")}
-        choices = lambda choice, narrow: {"compute": [compute], "storage": [narrow], "auto": [compute, narrow]}[choice]
-        plans = []
-        for resident in choices(opts.resident_dtype, "stored"):
-            for cache in choices(opts.cache_dtype, storage):
-                try:
-                    plans.append((resident, cache, self._plan(budget, resident_bytes[resident], cache)))
-                except BudgetTooSmallError as e:
-                    error = e
-        if not plans:
-            raise error
-        full = self.partition.max_size if opts.sparsity != "naive" else 0
-        for resident, cache, plan in plans:  # in order of preference: compute first
-            if plan.cache_rows_per_layer >= full:
-                return resident, cache, plan
-        return max(plans, key=lambda p: p[2].cache_rows_per_layer)
+        full = self.partition.max_size if self.options.sparsity != "naive" else 0
+        return choose_dtypes(self.options.resident_dtype, self.options.cache_dtype, compute, self.store.dtype, full,
+                             lambda resident, cache: self._plan(budget, resident_bytes[resident], cache))
 
     @staticmethod
     def _make_selector(flash_model, options, oracle_params):
