@@ -51,7 +51,7 @@ def test_tokens_equal_one_device(tiny_flash, sparsity, budget, devices):
     assert stats["devices"] == devices
     assert stats["weights_bytes"] <= stats["memory_budget_bytes"]
     # Every layer's cache buffers really are split across the devices, one shard each.
-    buffer = llm.runner.buffers[0]["up"]
+    buffer = llm.runner.ffn.buffers[0]["up"]
     assert len(buffer.sharding.device_set) == devices
     assert {s.data.shape[0] for s in buffer.addressable_shards} == {llm.runner.plan.cache_rows_per_layer}
 

@@ -20,16 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashjax.flash.neuron_cache import LayerNeuronCache
 from flashjax.config import EngineConfig
 from flashjax.engine import ensure_kv_cache, kv_capacity, pad_prompt, sampling_args
 from flashjax.flash import kernels
 from flashjax.flash.budget import choose_dtypes, dense_weight_bytes, parse_budget, plan_memory
 from flashjax.flash.reader import NeuronReader
 from flashjax.flash.selection import NaiveSelector, OracleSelector
+from flashjax.flash.sparse_ffn import SparseFFN, scratch_bucket, update_bucket, whole_blocks
 from flashjax.flash.stats import TokenStats, summarize
 from flashjax.flash.shards import NeuronPartition, ShardPlacer, make_mesh
-from flashjax.store.ffn_store import block_neurons
 from flashjax.sampling import SamplingParams
 
 
@@ -81,24 +80,6 @@ class FlashOptions:
             raise ValueError(f"devices must be at least 1, got {self.devices}")
 
 
-def _bucket(n: int) -> int:
-    """Power-of-two padding (min 16) for per-step update lengths: few shapes, no per-token compile."""
-    return max(16, 1 << max(0, int(n - 1).bit_length()))
-
-
-def _scratch_bucket(n: int, limit: int) -> int:
-    """Power-of-four padding (min 16, at most `limit`) for scratch chunks."""
-    size = 16
-    while size < n:
-        size *= 4
-    return min(size, limit)
-
-
-def _whole_blocks(ids: np.ndarray, block: int, n: int) -> np.ndarray:
-    """Every neuron id in the blocks that hold `ids` (sorted)."""
-    return ids if block == 1 or len(ids) == 0 else block_neurons(np.unique(ids // block), block, n)
-
-
 class FlashRunner:
     def __init__(self, flash_model, options: FlashOptions, engine_cfg: EngineConfig, verbose: bool = False,
                  oracle_params=None):
@@ -125,12 +106,8 @@ class FlashRunner:
             print(f"flashjax: {self.plan.describe()}{per_device}; resident weights held "
                   f"{self._dtype_name(self.resident_dtype)}, cached rows {self._dtype_name(self.cache_dtype)}",
                   file=sys.stderr)
-        rows = self.plan.cache_rows_per_layer
-        # caches[l][s]: layer l's cache on device s, over that device's own (local) neuron ids.
-        self.caches = [[LayerNeuronCache(rows, self.partition.size(s), options.window)
-                        for s in range(options.devices)] for _ in range(cfg.n_layers)]
-        self.buffers = [{name: self.placer.zeros((options.devices * rows, stop - start), self.cache_dtype)
-                         for name, (start, stop) in self.part_slices} for _ in range(cfg.n_layers)]
+        self.ffn = SparseFFN(cfg, self.mesh, self.placer, self.partition, self.part_slices, self.plan,
+                             self.cache_dtype, options.window)
         self.reader = NeuronReader(self.store, options.prefetch_depth)
         self.kv = None
         self._warm = False
@@ -196,9 +173,7 @@ class FlashRunner:
     def start(self, capacity: int) -> None:
         self.kv = ensure_kv_cache(self.kv, self.cfg, capacity, self.compute_dtype, self.placer.replicated)
         self.selector.start(capacity)
-        for layer in self.caches:
-            for cache in layer:
-                cache.reset()
+        self.ffn.reset()
         self.token_stats = []
         self._last_step_end = None
 
@@ -210,16 +185,16 @@ class FlashRunner:
             return
         cfg, cap, width = self.cfg, self.plan.cache_rows_per_layer, self.store.record_width
         n_dev = self.options.devices
-        for size in sorted({_bucket(1 << k) for k in range(0, max(cap, 1).bit_length() + 1)}) if cap else []:
+        for size in sorted({update_bucket(1 << k) for k in range(0, max(cap, 1).bit_length() + 1)}) if cap else []:
             drop = np.full((n_dev, size), cap, np.int32)  # every destination out of range: no change
-            self.buffers[0] = kernels.update_cache(self.mesh, self.part_slices, self.buffers[0], *self.placer.shards(
+            self.ffn.buffers[0] = kernels.update_cache(self.mesh, self.part_slices, self.ffn.buffers[0], *self.placer.shards(
                 np.zeros((n_dev, size), np.int32), drop, drop, np.zeros((n_dev, size, width), self.store.dtype)))
         x = self.placer.replicate(jnp.zeros((1, 1, cfg.d_model), self.compute_dtype))
         positions = np.zeros((1, 1), np.int32)
-        cached = (self.buffers[0], self.placer.shards(np.zeros(n_dev, np.int32))[0]) if cap else None
+        cached = (self.ffn.buffers[0], self.placer.shards(np.zeros(n_dev, np.int32))[0]) if cap else None
         s_rows = self.plan.scratch_rows
         chunks = [None] + [self.placer.shards(np.zeros((n_dev, size, width), self.store.dtype), np.zeros(n_dev, np.int32))
-                           for size in sorted({_scratch_bucket(1 << k, s_rows) for k in range(0, s_rows.bit_length() + 1)})]
+                           for size in sorted({scratch_bucket(1 << k, s_rows) for k in range(0, s_rows.bit_length() + 1)})]
         b_down = self.params["layers"][0]["ffn"].get("b_down")
         for chunk in chunks:
             kv = jax.tree.map(jnp.copy, self.kv[0])
@@ -243,84 +218,6 @@ class FlashRunner:
 
     # ---- one token ------------------------------------------------------------------------------
 
-    def _step_caches(self, l: int, needed: np.ndarray) -> list:
-        """Each device's cache of layer l takes its share of `needed` (global ids): [CacheUpdate]."""
-        return [cache.step(ids) for cache, ids in zip(self.caches[l], self.partition.split(needed))]
-
-    def _local_ids(self, per_device: list[np.ndarray]) -> np.ndarray:
-        """Each device's local ids -> the global ids this process reads, ascending. Across hosts a
-        process reads only its own devices' records."""
-        return self.partition.join([ids if self.placer.is_local(s) else ids[:0] for s, ids in enumerate(per_device)])
-
-    def _read_ids(self, updates: list) -> np.ndarray:
-        """Global ids to read for these updates: device 0's loads then scratch, device 1's, ..."""
-        return self._local_ids([u.read_ids for u in updates])
-
-    def _uncached(self, l: int, ids: np.ndarray) -> np.ndarray:
-        """The global `ids` that layer l's caches do not hold."""
-        local = self.partition.split(ids)
-        return self.partition.join([part[cache.slot_of[part] < 0] for cache, part in zip(self.caches[l], local)])
-
-    def _update_caches(self, l, updates, rows, read_ids, stats):
-        """Layer l's caches take their updates; returns (cached, surplus) for the FFN.
-
-        `updates`: each device's CacheUpdate, or None (prefill: everything read is surplus, the
-        caches are left alone); `rows` holds the records of `read_ids`, devices in order. One update
-        dispatch for all devices: per-device arrays are stacked [S, ...] and padded to a shared
-        bucket. `cached` is (buffers, live rows per device), or None when no row is live-able (no
-        cache, or prefill); `surplus` is each device's records that were read but not cached.
-        """
-        t0 = time.perf_counter()
-        n_dev, cap, width = self.options.devices, self.plan.cache_rows_per_layer, rows.shape[1]
-        per_device = np.searchsorted(read_ids, self.partition.offsets)
-        surplus = [rows[per_device[s]:per_device[s + 1]] for s in range(n_dev)]
-        cached = None
-        if updates is not None:
-            n_load = [len(u.load_ids) if self.placer.is_local(s) else 0 for s, u in enumerate(updates)]
-            size = max(max(_bucket(len(u.moves_src)), _bucket(len(u.load_ids))) for u in updates)
-            if cap and any(len(u.moves_src) or len(u.load_ids) for u in updates):
-                src = np.zeros((n_dev, size), np.int32)
-                dst, slots = np.full((n_dev, size), cap, np.int32), np.full((n_dev, size), cap, np.int32)
-                loaded = np.zeros((n_dev, size, width), rows.dtype)
-                for s, u in enumerate(updates):
-                    src[s, :len(u.moves_src)], dst[s, :len(u.moves_dst)] = u.moves_src, u.moves_dst
-                    slots[s, :len(u.load_slots)] = u.load_slots
-                    loaded[s, :n_load[s]] = surplus[s][:n_load[s]]
-                self.buffers[l] = kernels.update_cache(self.mesh, self.part_slices, self.buffers[l],
-                                                       *self.placer.shards(src, dst, slots, loaded))
-            surplus = [r[n:] for r, n in zip(surplus, n_load)]
-            if cap:
-                counts, = self.placer.shards(np.array([u.count for u in updates], np.int32))
-                cached = (self.buffers[l], counts)
-            for u in updates:
-                stats.evicted += u.evicted
-                stats.hits += u.hits
-        stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
-        return cached, surplus
-
-    def _scratch_chunks(self, surplus: list[np.ndarray]) -> list:
-        """Each device's surplus records in chunks of at most `scratch_rows`, placed on the mesh:
-        [(records [S, size, R], valid rows [S])]. A chunk is padded to a power-of-four length, so a
-        step with little surplus does not pay for a full chunk."""
-        n_dev, s_rows, chunks = self.options.devices, self.plan.scratch_rows, []
-        for begin in range(0, max(len(r) for r in surplus), s_rows):
-            parts = [r[begin:begin + s_rows] for r in surplus]
-            size = _scratch_bucket(max(len(c) for c in parts), s_rows)
-            if n_dev == 1 and len(parts[0]) == size:
-                padded = parts[0][None]  # a full chunk on one device: the read's own rows, no copy
-            else:
-                padded = np.zeros((n_dev, size, surplus[0].shape[1]), surplus[0].dtype)
-                for s, part in enumerate(parts):
-                    padded[s, :len(part)] = part
-            chunks.append(tuple(self.placer.shards(padded, np.array([len(c) for c in parts], np.int32))))
-        return chunks
-
-    def _remaining_chunks(self, x, h, chunks):
-        """x + FFN over scratch chunks past the first (a surplus larger than `scratch_rows`)."""
-        for chunk in chunks[1:]:
-            x = kernels.ffn_step(self.cfg, self.mesh, self.part_slices, x, h, None, None, chunk)
-        return x
-
     def _plan_ahead(self, needed_ahead, update_caches: bool, stats):
         """For neuron sets known before the token starts (naive, hybrid, oracle, prefill): every
         layer's cache updates (None when the caches are left alone) and the ids to read."""
@@ -328,12 +225,12 @@ class FlashRunner:
         updates, read_ids = [], []
         for l, needed in enumerate(needed_ahead):
             if update_caches:
-                updates.append(self._step_caches(l, needed))
-                read_ids.append(self._read_ids(updates[l]))
+                updates.append(self.ffn.step_caches(l, needed))
+                read_ids.append(self.ffn.read_ids(updates[l]))
                 stats.needed += len(needed)
             else:
                 updates.append(None)
-                read_ids.append(self._local_ids(self.partition.split(needed)))
+                read_ids.append(self.ffn.local_ids(self.partition.split(needed)))
         stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
         return updates, read_ids
 
@@ -347,47 +244,58 @@ class FlashRunner:
         input, so attention runs as its own step; with lookahead, layer l+1's predicted reads are
         issued as soon as layer l's input is known.
         """
-        cfg, mesh, part_slices = self.cfg, self.mesh, self.part_slices
         if ahead is not None:
             updates, read_ids = ahead
             self.reader.submit(read_ids)
         for l, layer in enumerate(self.params["layers"]):
             if ahead is not None:
-                rows = self.reader.next_layer(stats)
-                cached, surplus = self._update_caches(l, updates[l], rows, read_ids[l], stats)
-                chunks = self._scratch_chunks(surplus)
-                x, h, self.kv[l] = kernels.layer_step(cfg, mesh, part_slices, layer, x, positions, start, self.kv[l],
-                                                      cached, chunks[0] if chunks else None)
+                x, h, chunks = self._planned_layer(l, layer, x, positions, start, updates[l], read_ids[l], stats)
             else:
-                x, h, self.kv[l] = kernels.attention_step(cfg, layer, x, positions, start, self.kv[l])
-                t0 = time.perf_counter()
-                h_here = self.placer.local_copy(h)  # replicated: every device's copy is the same
-                needed = self.selector.needed(l, h_here)
-                next_ids = self.selector.ahead(l + 1, h_here) if l + 1 < cfg.n_layers else None
-                predicted = self.reader.predicted_for(l)
-                if predicted is not None:
-                    # What the lookahead predicted is used too: its reads are not wasted, and the
-                    # extra neurons only bring the FFN closer to dense.
-                    needed = np.union1d(needed, predicted)
-                stats.select_ms += (time.perf_counter() - t0) * 1e3
-                t0 = time.perf_counter()
-                layer_updates = self._step_caches(l, needed)
-                layer_read_ids = self._read_ids(layer_updates)
-                stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
-                rows = self.reader.take(l, layer_read_ids, stats)
-                if next_ids is not None:
-                    # Only what layer l+1's caches lack; its reads overlap this layer's compute. Whole
-                    # blocks are read anyway, so keep all their rows: a neuron the lookahead missed
-                    # but that shares a block with one it caught is then not read a second time.
-                    missing = _whole_blocks(self._uncached(l + 1, next_ids), self.store.ffn_block, cfg.d_ffn)
-                    self.reader.expect(l + 1, missing, next_ids)
-                stats.needed += len(needed)
-                cached, surplus = self._update_caches(l, layer_updates, rows, layer_read_ids, stats)
-                chunks = self._scratch_chunks(surplus)
-                x = kernels.ffn_step(cfg, mesh, part_slices, x, h, layer["ffn"].get("b_down"), cached,
-                                     chunks[0] if chunks else None)
-            x = self._remaining_chunks(x, h, chunks)
+                x, h, chunks = self._selecting_layer(l, layer, x, positions, start, stats)
+            x = self.ffn.remaining_chunks(x, h, chunks)
         return x
+
+    def _planned_layer(self, l, layer, x, positions, start, updates, read_ids, stats):
+        """A layer whose reads were submitted when the token started: one dispatch for all of it."""
+        rows = self.reader.next_layer(stats)
+        cached, surplus = self.ffn.update(l, updates, rows, read_ids, stats)
+        chunks = self.ffn.scratch_chunks(surplus)
+        x, h, self.kv[l] = kernels.layer_step(self.cfg, self.mesh, self.part_slices, layer, x, positions, start,
+                                              self.kv[l], cached, chunks[0] if chunks else None)
+        return x, h, chunks
+
+    def _selecting_layer(self, l, layer, x, positions, start, stats):
+        """A layer that chooses its neurons from its own FFN input: attention, selection, reads (some
+        already started by the previous layer's lookahead), then the FFN."""
+        cfg = self.cfg
+        x, h, self.kv[l] = kernels.attention_step(cfg, layer, x, positions, start, self.kv[l])
+        t0 = time.perf_counter()
+        h_here = self.placer.local_copy(h)  # replicated: every device's copy is the same
+        needed = self.selector.needed(l, h_here)
+        next_ids = self.selector.ahead(l + 1, h_here) if l + 1 < cfg.n_layers else None
+        predicted = self.reader.predicted_for(l)
+        if predicted is not None:
+            # What the lookahead predicted is used too: its reads are not wasted, and the extra
+            # neurons only bring the FFN closer to dense.
+            needed = np.union1d(needed, predicted)
+        stats.select_ms += (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        updates = self.ffn.step_caches(l, needed)
+        read_ids = self.ffn.read_ids(updates)
+        stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
+        rows = self.reader.take(l, read_ids, stats)
+        if next_ids is not None:
+            # Only what layer l+1's caches lack; its reads overlap this layer's compute. Whole blocks
+            # are read anyway, so keep all their rows: a neuron the lookahead missed but that shares
+            # a block with one it caught is then not read a second time.
+            missing = whole_blocks(self.ffn.uncached(l + 1, next_ids), self.store.ffn_block, cfg.d_ffn)
+            self.reader.expect(l + 1, missing, next_ids)
+        stats.needed += len(needed)
+        cached, surplus = self.ffn.update(l, updates, rows, read_ids, stats)
+        chunks = self.ffn.scratch_chunks(surplus)
+        x = kernels.ffn_step(cfg, self.mesh, self.part_slices, x, h, layer["ffn"].get("b_down"), cached,
+                             chunks[0] if chunks else None)
+        return x, h, chunks
 
     def prefill(self, prompt: np.ndarray, sampling: SamplingParams, key):
         self._last_step_end = None  # a new sequence: the first decode's period starts at that decode

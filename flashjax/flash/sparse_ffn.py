@@ -1,0 +1,137 @@
+"""The sparse FFN's host side: each layer's neuron caches, their device buffers, and the padding
+that turns a step's reads into fixed-shape device arguments.
+
+Per layer and device, a `LayerNeuronCache` (flash/neuron_cache.py) decides what is loaded, moved
+and evicted; this module applies those decisions to the layer's preallocated device buffers (one
+`update_cache` dispatch for all devices) and hands the runner what the layer step multiplies: the
+cache (buffers and live rows per device) and the surplus records in padded scratch chunks.
+Per-device arrays are stacked [S, ...] and padded to one shared bucket, so a token never meets a
+new shape.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from flashjax.flash import kernels
+from flashjax.flash.neuron_cache import LayerNeuronCache
+from flashjax.store.ffn_store import block_neurons
+
+
+def update_bucket(n: int) -> int:
+    """Power-of-two padding (min 16) for per-step update lengths: few shapes, no per-token compile."""
+    return max(16, 1 << max(0, int(n - 1).bit_length()))
+
+
+def scratch_bucket(n: int, limit: int) -> int:
+    """Power-of-four padding (min 16, at most `limit`) for scratch chunks."""
+    size = 16
+    while size < n:
+        size *= 4
+    return min(size, limit)
+
+
+def whole_blocks(ids: np.ndarray, block: int, n: int) -> np.ndarray:
+    """Every neuron id in the blocks that hold `ids` (sorted)."""
+    return ids if block == 1 or len(ids) == 0 else block_neurons(np.unique(ids // block), block, n)
+
+
+
+class SparseFFN:
+    """Every layer's neuron caches (host bookkeeping) and cache buffers (on the devices)."""
+
+    def __init__(self, cfg, mesh, placer, partition, part_slices, plan, cache_dtype, window: int):
+        self.cfg, self.mesh, self.placer, self.partition, self.part_slices = cfg, mesh, placer, partition, part_slices
+        self.n_devices = partition.n_shards
+        self.capacity, self.scratch_rows = plan.cache_rows_per_layer, plan.scratch_rows
+        # caches[l][s]: layer l's cache on device s, over that device's own (local) neuron ids.
+        self.caches = [[LayerNeuronCache(self.capacity, partition.size(s), window) for s in range(self.n_devices)]
+                       for _ in range(cfg.n_layers)]
+        self.buffers = [{name: placer.zeros((self.n_devices * self.capacity, stop - start), cache_dtype)
+                         for name, (start, stop) in part_slices} for _ in range(cfg.n_layers)]
+
+    def reset(self) -> None:
+        for layer in self.caches:
+            for cache in layer:
+                cache.reset()
+
+    def step_caches(self, l: int, needed: np.ndarray) -> list:
+        """Each device's cache of layer l takes its share of `needed` (global ids): [CacheUpdate]."""
+        return [cache.step(ids) for cache, ids in zip(self.caches[l], self.partition.split(needed))]
+
+    def local_ids(self, per_device: list[np.ndarray]) -> np.ndarray:
+        """Each device's local ids -> the global ids this process reads, ascending. Across hosts a
+        process reads only its own devices' records."""
+        return self.partition.join([ids if self.placer.is_local(s) else ids[:0] for s, ids in enumerate(per_device)])
+
+    def read_ids(self, updates: list) -> np.ndarray:
+        """Global ids to read for these updates: device 0's loads then scratch, device 1's, ..."""
+        return self.local_ids([u.read_ids for u in updates])
+
+    def uncached(self, l: int, ids: np.ndarray) -> np.ndarray:
+        """The global `ids` that layer l's caches do not hold."""
+        local = self.partition.split(ids)
+        return self.partition.join([part[cache.slot_of[part] < 0] for cache, part in zip(self.caches[l], local)])
+
+    def update(self, l, updates, rows, read_ids, stats):
+        """Layer l's caches take their updates; returns (cached, surplus) for the FFN.
+
+        `updates`: each device's CacheUpdate, or None (prefill: everything read is surplus, the
+        caches are left alone); `rows` holds the records of `read_ids`, devices in order. One update
+        dispatch for all devices: per-device arrays are stacked [S, ...] and padded to a shared
+        bucket. `cached` is (buffers, live rows per device), or None when no row is live-able (no
+        cache, or prefill); `surplus` is each device's records that were read but not cached.
+        """
+        t0 = time.perf_counter()
+        n_dev, cap, width = self.n_devices, self.capacity, rows.shape[1]
+        per_device = np.searchsorted(read_ids, self.partition.offsets)
+        surplus = [rows[per_device[s]:per_device[s + 1]] for s in range(n_dev)]
+        cached = None
+        if updates is not None:
+            n_load = [len(u.load_ids) if self.placer.is_local(s) else 0 for s, u in enumerate(updates)]
+            size = max(max(update_bucket(len(u.moves_src)), update_bucket(len(u.load_ids))) for u in updates)
+            if cap and any(len(u.moves_src) or len(u.load_ids) for u in updates):
+                src = np.zeros((n_dev, size), np.int32)
+                dst, slots = np.full((n_dev, size), cap, np.int32), np.full((n_dev, size), cap, np.int32)
+                loaded = np.zeros((n_dev, size, width), rows.dtype)
+                for s, u in enumerate(updates):
+                    src[s, :len(u.moves_src)], dst[s, :len(u.moves_dst)] = u.moves_src, u.moves_dst
+                    slots[s, :len(u.load_slots)] = u.load_slots
+                    loaded[s, :n_load[s]] = surplus[s][:n_load[s]]
+                self.buffers[l] = kernels.update_cache(self.mesh, self.part_slices, self.buffers[l],
+                                                       *self.placer.shards(src, dst, slots, loaded))
+            surplus = [r[n:] for r, n in zip(surplus, n_load)]
+            if cap:
+                counts, = self.placer.shards(np.array([u.count for u in updates], np.int32))
+                cached = (self.buffers[l], counts)
+            for u in updates:
+                stats.evicted += u.evicted
+                stats.hits += u.hits
+        stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
+        return cached, surplus
+
+    def scratch_chunks(self, surplus: list[np.ndarray]) -> list:
+        """Each device's surplus records in chunks of at most `scratch_rows`, placed on the mesh:
+        [(records [S, size, R], valid rows [S])]. A chunk is padded to a power-of-four length, so a
+        step with little surplus does not pay for a full chunk."""
+        n_dev, s_rows, chunks = self.n_devices, self.scratch_rows, []
+        for begin in range(0, max(len(r) for r in surplus), s_rows):
+            parts = [r[begin:begin + s_rows] for r in surplus]
+            size = scratch_bucket(max(len(c) for c in parts), s_rows)
+            if n_dev == 1 and len(parts[0]) == size:
+                padded = parts[0][None]  # a full chunk on one device: the read's own rows, no copy
+            else:
+                padded = np.zeros((n_dev, size, surplus[0].shape[1]), surplus[0].dtype)
+                for s, part in enumerate(parts):
+                    padded[s, :len(part)] = part
+            chunks.append(tuple(self.placer.shards(padded, np.array([len(c) for c in parts], np.int32))))
+        return chunks
+
+    def remaining_chunks(self, x, h, chunks):
+        """x + FFN over scratch chunks past the first (a surplus larger than `scratch_rows`)."""
+        for chunk in chunks[1:]:
+            x = kernels.ffn_step(self.cfg, self.mesh, self.part_slices, x, h, None, None, chunk)
+        return x
+
