@@ -41,7 +41,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evict-page-cache", action="store_true",
                    help="drop the model's files from the page cache before each token (cold reads)")
     p.add_argument("--devices", type=int, default=1,
-                   help="split each layer's FFN neurons across this many devices (the budget is then per device)")
+                   help="split the model across this many devices (dense: FFN neurons, attention heads, vocabulary; "
+                        "flash: each layer's FFN neurons, the budget then per device)")
     p.add_argument("--host-cache", default=None,
                    help="a host-RAM tier of neurons between the device caches and the disk: bytes like 4GB, "
                         "or a share of the on-disk FFN like 100%%")
