@@ -148,7 +148,6 @@ class LLM:
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits [T, V] for every position of `token_ids` in one forward pass (float32; dense engine)."""
-        # TEMPORARY getattr: until FlashRunner declares one_pass_logits = False (then self.runner.one_pass_logits).
         if not self.runner.one_pass_logits:
             raise NotImplementedError("logits() needs every weight resident: load with sparsity='dense'")
         return self.runner.sequence_logits(np.asarray(token_ids, np.int32))

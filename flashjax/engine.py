@@ -38,8 +38,6 @@ def round_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
-
-
 def context_limit(cfg: ModelConfig, engine_cfg: EngineConfig) -> int:
     """Tokens one sequence may hold: `--max-context`, never past the model's own limit."""
     return min(engine_cfg.max_context or cfg.max_position, cfg.max_position)

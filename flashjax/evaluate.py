@@ -83,7 +83,6 @@ def _check_ids(llm, ids, start_scoring_at: int) -> np.ndarray:
 def uses_one_pass(llm, step_by_step: bool | None = None) -> bool:
     """Whether scoring runs one forward pass over the sequence (the default where the runner can:
     the dense runner) or the runner's own prefill/decode steps (the only way for a flash runner)."""
-    # TEMPORARY getattr: until FlashRunner declares one_pass_logits = False (then llm.runner.one_pass_logits).
     one_pass = llm.runner.one_pass_logits
     if step_by_step is None:
         return one_pass

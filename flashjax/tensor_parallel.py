@@ -29,15 +29,12 @@ change the shapes the model code declares.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
 
 from flashjax.config import ModelConfig
-from flashjax.model.params import empty_tree, set_path
+from flashjax.model.params import load_params
 
 # A parameter's leaf name -> (the axis that is split, the group it belongs to). A group is split only
 # when its size (below) divides by the number of devices.
@@ -98,17 +95,12 @@ class TensorParallel:
         return PartitionSpec(*axes)
 
     def load_params(self, source, dtype, progress: bool = True) -> dict:
-        """Like `model.params.load_params`, but each tensor goes from the host straight to its
-        devices: no device ever holds a whole split weight, or the whole model."""
-        tree = empty_tree(source.config)
-        bar = tqdm(total=source.config.param_count(), unit="w", unit_scale=True, desc="loading weights",
-                   file=sys.stderr, disable=not progress, leave=False)
-        for path, array in source.iter_tensors():
-            array = np.asarray(array).astype(dtype, copy=False)
-            set_path(tree, path, jax.device_put(array, NamedSharding(self.mesh, self.spec(path, array.ndim))))
-            bar.update(array.size)
-        bar.close()
-        return tree
+        """`model.params.load_params`, each tensor going from the host straight to its devices: no
+        device ever holds a whole split weight, or the whole model."""
+        def place(path, array):
+            return jax.device_put(array, NamedSharding(self.mesh, self.spec(path, array.ndim)))
+
+        return load_params(source, dtype, progress=progress, place=place)
 
     def describe(self) -> str:
         split = [g for g in GROUPS if g in self.split]

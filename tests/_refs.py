@@ -148,26 +148,19 @@ class FlashRecorder:
             return sets
 
         selector.begin = recording_begin
-        if hasattr(selector, "needed"):
-            needed = selector.needed
-
-            def recording_needed(l, h):
-                ids = needed(l, h)
-                self.steps[-1]["needed"][l] = np.asarray(ids)
-                return ids
-
-            selector.needed = recording_needed
-        if hasattr(selector, "ahead"):
-            ahead = selector.ahead
-
-            def recording_ahead(l, h):
-                ids = ahead(l, h)
-                if ids is not None:
-                    self.steps[-1]["ahead"][l] = np.asarray(ids)
-                return ids
-
-            selector.ahead = recording_ahead
+        # Per-layer selectors: `needed(l, h)` and `ahead(l, h)` record into the step's dict of that name.
+        for name in ("needed", "ahead"):
+            if hasattr(selector, name):
+                setattr(selector, name, self._recording(getattr(selector, name), name))
         return self
+
+    def _recording(self, choose, key: str):
+        def recording(l, h):
+            ids = choose(l, h)
+            if ids is not None:
+                self.steps[-1][key][l] = np.asarray(ids)
+            return ids
+        return recording
 
     def __exit__(self, *exc):
         for name, fn in self._saved.items():

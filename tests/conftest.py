@@ -49,15 +49,22 @@ def build_tiny(name: str, directory: pathlib.Path):
         kwargs.pop("intermediate_size")
     torch.manual_seed(sum(map(ord, name)))
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
-    # Random init leaves norms at 1 and biases at 0: perturb them so the test checks their mapping too.
+    sharpen_for_parity(model)
+    model.save_pretrained(directory)
+    return model
+
+
+def sharpen_for_parity(model) -> None:
+    """Random init leaves norms at 1 and biases at 0, and attention near-uniform: perturb the former
+    (so the test checks their mapping too) and scale query/key weights (QK_SCALE) in place."""
+    import torch
+
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
             if pname.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(QK_SCALE)
-    model.save_pretrained(directory)
-    return model
 
 
 @pytest.fixture(scope="session", params=sorted(TINY))
@@ -85,12 +92,17 @@ def default_llm(default_gguf):
 @pytest.fixture(scope="session")
 def reference_default(default_gguf):
     """transformers (PyTorch, CPU, float32) loading the same GGUF: the reference."""
+    return reference_from_gguf(default_gguf)
+
+
+def reference_from_gguf(path: pathlib.Path):
+    """(model, tokenizer): transformers (PyTorch, CPU, float32) loading a GGUF file with its own loader."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(gguf_file=default_gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(default_gguf.parent, dtype=torch.float32, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(default_gguf.parent, **kwargs)
+    kwargs = dict(gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     return model, tokenizer
 
 

@@ -12,6 +12,7 @@ import os
 import pytest
 from conftest import build_tiny
 from flashjax.bench import peers
+from flashjax.bench.compare import disk_info
 
 PAGE = mmap.PAGESIZE
 
@@ -29,14 +30,9 @@ def _smaps_rss_kib(path: str) -> list[int]:
     return out
 
 
-def _fstype(path: str) -> str:
-    best, fstype = "", ""
-    with open("/proc/mounts") as f:
-        for line in f:
-            _, mnt, fs = line.split()[:3]
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, fstype = mnt, fs
-    return fstype
+def _fstype(path) -> str:
+    """The type of the filesystem holding `path` (the package's own mount lookup)."""
+    return disk_info(str(path)).get("fstype", "")
 
 
 def _resident_pages(mm: mmap.mmap, length: int) -> int:

@@ -22,7 +22,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import QK_SCALE, TINY_COMMON, build_tiny, random_ids
+from conftest import TINY_COMMON, build_tiny, random_ids, sharpen_for_parity
 from flashjax.api import LLM
 from flashjax.model.params import load_params, set_path
 from flashjax.store import open_model_source
@@ -60,13 +60,7 @@ def build_mistral(directory):
                   tie_word_embeddings=False)
     torch.manual_seed(7)
     model = transformers.MistralForCausalLM(transformers.MistralConfig(**kwargs)).eval()
-    # As conftest's build_tiny: perturbed norms, and peaked attention so q/k layout mistakes show.
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-            if pname.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(QK_SCALE)
+    sharpen_for_parity(model)  # as build_tiny: perturbed norms, peaked attention so q/k layout mistakes show
     model.save_pretrained(directory)
     return model
 

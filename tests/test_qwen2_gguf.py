@@ -8,8 +8,8 @@ transformers dequantizes the whole model to float32 (a few GB of RAM).
 """
 
 import pytest
-import torch
 
+from conftest import reference_from_gguf
 from test_default_model import reference_greedy
 
 pytestmark = pytest.mark.big_model
@@ -39,12 +39,7 @@ def qwen2_llm(qwen2_gguf):
 @pytest.fixture(scope="module")
 def qwen2_reference(qwen2_gguf):
     """transformers (PyTorch, CPU, float32) loading the same GGUF: the reference."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = dict(gguf_file=qwen2_gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(qwen2_gguf.parent, dtype=torch.float32, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(qwen2_gguf.parent, **kwargs)
-    return model, tokenizer
+    return reference_from_gguf(qwen2_gguf)
 
 
 def _first_difference(a, b):

@@ -23,6 +23,7 @@ from _ci import skip_or_fail
 from conftest import build_tiny
 from flashjax.store import (ConvertError, FFNStore, StoreChecksumError, auto_ffn_block, convert, load_resident,
                             model_config_from_dict, open_flash_model, read_manifest)
+from flashjax.bench.compare import disk_info
 from flashjax.store.manifest import is_ffn_on_disk
 from flashjax.store import open_model_source
 from flashjax.weights import CheckpointError
@@ -249,14 +250,8 @@ MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # a file there is its pages: nothing ca
 
 
 def _fstype(path) -> str:
-    """The type of the filesystem holding `path` (the longest mount point above it)."""
-    path, best, fstype = os.path.realpath(path), "", ""
-    with open("/proc/mounts") as f:
-        for line in f:
-            _, mnt, fs = line.split()[:3]
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, fstype = mnt, fs
-    return fstype
+    """The type of the filesystem holding `path` (the package's own mount lookup)."""
+    return disk_info(str(path)).get("fstype", "")
 
 
 def _resident_pages(path) -> tuple[int, int]:

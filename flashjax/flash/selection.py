@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashjax.config import ModelConfig
-from flashjax.engine import round_up
+from flashjax.engine import kv_capacity, pad_prompt
 from flashjax.model.layers import dense_ffn_apply
 from flashjax.model.transformer import forward, init_kv_cache
 
@@ -77,10 +77,7 @@ class OracleSelector:
         self.cache = init_kv_cache(self.cfg, 1, capacity)
 
     def prefill(self, prompt) -> None:
-        capacity = self.cache[0][0].shape[2]
-        padded = min(round_up(len(prompt), 64), capacity)
-        tokens = np.zeros((1, padded), np.int32)
-        tokens[0, :len(prompt)] = prompt
+        tokens = pad_prompt(prompt, 64, kv_capacity(self.cache))
         # Slots past the prompt get padding; each is rewritten by `begin` before any query sees it.
         _, self.cache = _activations_step(self.cfg, self.params, tokens, np.int32(0), self.cache)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 from flashjax.config import ModelConfig
@@ -24,10 +25,12 @@ def set_path(tree: dict, path: str, value) -> None:
     node[leaf] = value
 
 
-def load_params(source, dtype=jnp.float32, progress: bool = True, skip=lambda path: False) -> dict:
+def load_params(source, dtype=jnp.float32, progress: bool = True, skip=lambda path: False, place=None) -> dict:
     """Reads every tensor of `source` (a ModelSource) into a tree of device arrays of `dtype`.
 
-    `skip(path)` leaves a tensor out (the flash engine keeps FFN weights on disk).
+    `skip(path)` leaves a tensor out (the flash engine keeps FFN weights on disk). `place(path, array)`
+    puts a host array (already `dtype`) on its devices; the default is the default device
+    (`tensor_parallel` splits each tensor over a mesh as it is read).
     """
     cfg = source.config
     tree = empty_tree(cfg)
@@ -35,7 +38,8 @@ def load_params(source, dtype=jnp.float32, progress: bool = True, skip=lambda pa
                file=sys.stderr, disable=not progress, leave=False)
     for path, array in source.iter_tensors():
         if not skip(path):
-            set_path(tree, path, jnp.asarray(array, dtype=dtype))
+            array = np.asarray(array).astype(dtype, copy=False)
+            set_path(tree, path, jnp.asarray(array) if place is None else place(path, array))
         bar.update(array.size)
     bar.close()
     return tree
