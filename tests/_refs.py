@@ -73,8 +73,9 @@ class FlashRecorder:
     - `token`, `pos`: the token decoded and its position.
 
     A context manager: while it is open, the flash kernels the runner calls (`layer_step`,
-    `attention_step`, `ffn_step`) are wrapped so each layer's FFN input and FFN contribution are
-    recorded; the selector's methods are wrapped on the instance. The FFN contribution of a fused
+    `attention_select_step`, `ffn_step`) are wrapped so each layer's FFN input, FFN contribution and
+    (per-layer selectors) the masks chosen on the device are recorded; `begin` is wrapped on the
+    selector instance. The FFN contribution of a fused
     layer step is recomputed with the engine's own `ffn_step` over the same rows (same arithmetic).
     """
 
@@ -91,8 +92,9 @@ class FlashRecorder:
 
         runner, selector = self.llm.runner, self.llm.runner.selector
         self._kernels = kernels
-        self._saved = {name: getattr(kernels, name) for name in ("layer_step", "attention_step", "ffn_step")}
-        layer_step, attention_step, ffn_step = (self._saved[n] for n in ("layer_step", "attention_step", "ffn_step"))
+        names = ("layer_step", "attention_select_step", "ffn_step")
+        self._saved = {name: getattr(kernels, name) for name in names}
+        layer_step, attention_select_step, ffn_step = (self._saved[n] for n in names)
 
         def record(h, contribution):
             if not self._decoding:
@@ -109,17 +111,24 @@ class FlashRecorder:
                 record(h, alone)
             return y, h, kv
 
-        def recording_attention_step(*args, **kwargs):
+        def recording_attention_select_step(*args, **kwargs):
             self._layer += 1
-            return attention_step(*args, **kwargs)
+            out = attention_select_step(*args, **kwargs)
+            needed, predicted_next = out[3], out[4]
+            if self._decoding:
+                step, l = self.steps[-1], self._layer
+                step["needed"][l] = np.flatnonzero(np.asarray(needed))
+                if predicted_next is not None:
+                    step["ahead"][l + 1] = np.flatnonzero(np.asarray(predicted_next))
+            return out
 
         def recording_ffn_step(cfg, mesh, part_slices, x, h, b_down, cached, scratch):
             y = ffn_step(cfg, mesh, part_slices, x, h, b_down, cached, scratch)
             record(h, np.asarray(y, np.float64) - np.asarray(x, np.float64))
             return y
 
-        kernels.layer_step, kernels.attention_step, kernels.ffn_step = (
-            recording_layer_step, recording_attention_step, recording_ffn_step)
+        kernels.layer_step, kernels.attention_select_step, kernels.ffn_step = (
+            recording_layer_step, recording_attention_select_step, recording_ffn_step)
 
         decode = runner.decode
 
@@ -148,19 +157,7 @@ class FlashRecorder:
             return sets
 
         selector.begin = recording_begin
-        # Per-layer selectors: `needed(l, h)` and `ahead(l, h)` record into the step's dict of that name.
-        for name in ("needed", "ahead"):
-            if hasattr(selector, name):
-                setattr(selector, name, self._recording(getattr(selector, name), name))
         return self
-
-    def _recording(self, choose, key: str):
-        def recording(l, h):
-            ids = choose(l, h)
-            if ids is not None:
-                self.steps[-1][key][l] = np.asarray(ids)
-            return ids
-        return recording
 
     def __exit__(self, *exc):
         for name, fn in self._saved.items():

@@ -333,6 +333,43 @@ def test_predictor_ffn_equals_numpy_masked_to_the_selected_neurons(tiny, lookahe
     assert _assert_ffn_over(params, recorder) > 1e-3
 
 
+@pytest.mark.parametrize("sparsity,selection", [("predictor", "threshold"), ("predictor", "topk"),
+                                                ("gate", "threshold"), ("gate", "topk")])
+def test_device_selection_equals_the_host_selection(tiny, sparsity, selection):
+    """The engine chooses each layer's neurons inside its jitted layer step; the ids must be those the
+    host-side selection gives for the same FFN input: `select` over numpy scores (the predictor's
+    sigmoid, or |silu(gate)|) and the selector's own `needed` (the path the step replaced)."""
+    name, flash, params, pred = tiny
+    if sparsity == "gate" and not pred.config.is_glu:
+        return  # no gate path on a ReLU model (tested to fail clearly above)
+    top_k = 5 if selection == "topk" else None
+    _, recorder, _ = _decode_recorded(flash, sparsity=sparsity, selection=selection, top_k=top_k,
+                                      predictor_threshold=0.5, lookahead=False)
+    selector = recorder.llm.runner.selector
+    compared = 0
+    for step in recorder.steps:
+        for l, ids in step["needed"].items():
+            h = step["h"][l]
+            if sparsity == "predictor":
+                p = {k: np.asarray(v, np.float64) for k, v in pred.layers[l].items()}
+                logits = h @ p["a"] @ p["b"] + p["bias"]
+                # top-k ranks the logits: the sigmoid would squash the best scores into near-ties
+                scores = logits if top_k is not None else sigmoid(logits)
+            else:
+                gate, _ = preactivations(ffn_weights(params, l), h)
+                scores = np.abs(silu(gate))
+            host = select(scores[None], threshold=0.5 if sparsity == "predictor" else float(pred.gate_thresholds[l]),
+                          top_k=top_k)
+            if top_k is not None:
+                assert len(ids) == top_k
+                kth = np.sort(scores)[-top_k]
+                assert_same_choice(ids, scores >= kth, scores, kth, 1e-5, f"{sparsity} top-k layer {l}")
+            np.testing.assert_array_equal(ids, selector.needed(l, h[None, None]), err_msg=f"layer {l}")
+            assert np.setxor1d(ids, host).size <= 2, (l, ids, host)  # float32 vs float64 at the bound
+            compared += 1
+    assert compared == len(recorder.steps) * pred.config.n_layers
+
+
 def test_oracle_selects_exactly_the_active_neurons(tiny):
     """The oracle (calibrated thresholds: 0 for ReLU) against numpy on each layer's FFN input from a
     dense forward of the same tokens: for OPT, exactly the neurons whose up projection + bias is

@@ -38,6 +38,27 @@ def attention_step(cfg: ModelConfig, layer, x, positions, start, kv):
     return x, ffn_input(cfg, layer, x), kv
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "select", "ahead"), donate_argnames=("kv",))
+def attention_select_step(cfg: ModelConfig, select, ahead, layer, x, positions, start, kv, rule, ahead_rule):
+    """One layer up to its FFN, and the choice of its neurons, in one dispatch, for selectors that
+    pick from the layer's own FFN input (predictor, gate).
+
+    `select(params, h, value)` is the layer's rule (flash/selection.py `MaskRule`: threshold or top-k
+    on predictor scores or on |silu(gate)|), `rule` its (params, value); `ahead`, when not None,
+    guesses layer l+1's neurons from this layer's FFN input (lookahead) with `ahead_rule`.
+    Returns (residual stream, FFN input, KV cache, needed [F] bool, predicted for l+1 [F] bool or None).
+    """
+    x, kv = attention_block(cfg, layer, x, positions, start, kv, inverse_frequencies(cfg))
+    h = ffn_input(cfg, layer, x)
+    (params, value) = rule
+    needed = select(params, h, value)
+    predicted = None
+    if ahead is not None:
+        (ahead_params, ahead_value) = ahead_rule
+        predicted = ahead(ahead_params, h, ahead_value)
+    return x, h, kv, needed, predicted
+
+
 def _rows_ffn(cfg: ModelConfig, parts: dict, valid, h):
     """FFN contribution of the neurons in `parts` (rows where `valid`) for inputs h [B, T, D]."""
     return ffn_over_neurons(cfg, h, parts, live=valid)

@@ -98,6 +98,7 @@ class FlashRunner:
         self.partition = NeuronPartition.make(cfg.d_ffn, self.store.ffn_block, options.devices)
         self.dense_bytes = dense_weight_bytes(cfg, self.compute_dtype)
         self.selector = self._make_selector(flash_model, options, oracle_params)
+        self.rules = self._device_rules() if self.selector.per_layer else None
         budget = None if options.memory_budget is None else parse_budget(options.memory_budget, self.dense_bytes)
         self.resident_dtype, self.cache_dtype, self.plan = self._choose_dtypes(flash_model, budget)
         self.params = self.placer.replicate(flash_model.load_resident(self.resident_dtype))
@@ -205,14 +206,16 @@ class FlashRunner:
                 for maybe_cached in ([None] if cached is None else [None, cached]):
                     kernels.ffn_step(cfg, self.mesh, self.part_slices, x, x, b_down, maybe_cached, chunk)
         if self.selector.per_layer:
-            kv = jax.tree.map(jnp.copy, self.kv[0])
-            kernels.attention_step(cfg, self.params["layers"][0], x, positions, np.int32(0), kv)
+            for (select, rule), ahead in self.rules:  # layers' predictors may differ in rank: each shape
+                kv = jax.tree.map(jnp.copy, self.kv[0])
+                kernels.attention_select_step(cfg, select, None if ahead is None else ahead[0], self.params["layers"][0],
+                                              x, positions, np.int32(0), kv, rule, None if ahead is None else ahead[1])
         kernels.embed_tokens(cfg, self.params, np.zeros((1, 1), np.int32), positions, self.compute_dtype)
         kernels.head(cfg, self.params, x, np.int32(0), *sampling_args(key, 0, sampling), greedy=sampling.greedy)
         self._warm = True
 
     def compile_count(self) -> int:
-        fns = (kernels.embed_tokens, kernels.attention_step, kernels.layer_step, kernels.ffn_step,
+        fns = (kernels.embed_tokens, kernels.attention_select_step, kernels.layer_step, kernels.ffn_step,
                kernels.update_cache, kernels.head)
         return sum(f._cache_size() for f in fns)
 
@@ -264,15 +267,29 @@ class FlashRunner:
                                               self.kv[l], cached, chunks[0] if chunks else None)
         return x, h, chunks
 
+    def _device_rules(self):
+        """Per layer: (its own rule, the lookahead rule guessing layer l+1 or None), on the mesh."""
+        sel, n = self.selector, self.cfg.n_layers
+
+        def placed(rule):
+            return None if rule is None else (rule.fn, (self.placer.replicate(rule.params), rule.value))
+
+        return [(placed(sel.rule(l)), placed(sel.ahead_rule(l + 1)) if l + 1 < n else None) for l in range(n)]
+
     def _selecting_layer(self, l, layer, x, positions, start, stats):
-        """A layer that chooses its neurons from its own FFN input: attention, selection, reads (some
-        already started by the previous layer's lookahead), then the FFN."""
+        """A layer that chooses its neurons from its own FFN input: attention and the choice in one
+        dispatch, then the reads (some already started by the previous layer's lookahead), then the
+        FFN. Only the masks cross to the host: the caches' bookkeeping needs the whole needed set."""
         cfg = self.cfg
-        x, h, self.kv[l] = kernels.attention_step(cfg, layer, x, positions, start, self.kv[l])
+        (select, rule), ahead = self.rules[l]
+        ahead_fn, ahead_rule = ahead if ahead is not None else (None, None)
+        x, h, self.kv[l], needed, predicted_next = kernels.attention_select_step(
+            cfg, select, ahead_fn, layer, x, positions, start, self.kv[l], rule, ahead_rule)
         t0 = time.perf_counter()
-        h_here = self.placer.local_copy(h)  # replicated: every device's copy is the same
-        needed = self.selector.needed(l, h_here)
-        next_ids = self.selector.ahead(l + 1, h_here) if l + 1 < cfg.n_layers else None
+        # The one wait per layer: the host learns which neurons this layer (and the next) needs.
+        needed, predicted_next = jax.device_get((self.placer.local_copy(needed),
+                                                 None if ahead is None else self.placer.local_copy(predicted_next)))
+        needed = np.flatnonzero(needed)
         predicted = self.reader.predicted_for(l)
         if predicted is not None:
             # What the lookahead predicted is used too: its reads are not wasted, and the extra
@@ -284,10 +301,11 @@ class FlashRunner:
         read_ids = self.ffn.read_ids(updates)
         stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
         rows = self.reader.take(l, read_ids, stats)
-        if next_ids is not None:
+        if predicted_next is not None:
             # Only what layer l+1's caches lack; its reads overlap this layer's compute. Whole blocks
             # are read anyway, so keep all their rows: a neuron the lookahead missed but that shares
             # a block with one it caught is then not read a second time.
+            next_ids = np.flatnonzero(predicted_next)
             missing = whole_blocks(self.ffn.uncached(l + 1, next_ids), self.store.ffn_block, cfg.d_ffn)
             self.reader.expect(l + 1, missing, next_ids)
         stats.needed += len(needed)

@@ -1,12 +1,17 @@
 """How the flash engine chooses the neurons a token needs (`--sparsity`). Pluggable: a selector's
 `begin(token, pos)` either returns every layer's set when the token starts (naive, oracle), which
 lets the prefetch thread read layers ahead of the compute, or returns None and picks per layer from
-that layer's FFN input with `needed(layer, h)` (and `ahead(layer + 1, h)` for lookahead reads).
+that layer's FFN input. Per-layer selectors pick on the device: `rule(layer)` (and `ahead_rule(layer)`
+for lookahead reads) is a `MaskRule` the runner's jitted layer step evaluates right after attention,
+so the scores, the threshold or top-k and the mask cost no dispatch of their own and only the mask
+crosses to the host. `needed(layer, h)` is the same choice made outside the step (tests, tools).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +21,34 @@ from flashjax.config import ModelConfig
 from flashjax.engine import kv_capacity, pad_prompt
 from flashjax.model.layers import dense_ffn_apply
 from flashjax.model.transformer import forward, init_kv_cache
+from flashjax.sparsity.gate import gate_mask, gate_topk_mask
+from flashjax.sparsity.predictor import predictor_threshold_mask, predictor_topk_mask
 
 SPARSITY_MODES = ("dense", "naive", "hybrid", "oracle", "predictor", "gate")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskRule:
+    """One layer's neuron choice as a jitted step computes it: bool [F] = fn(params, h, value).
+
+    `fn` is a module-level function (static under jit, so every layer shares one compiled step per
+    kind of rule); `params` are that layer's arrays (predictor factors, or the resident gate rows);
+    `value` the threshold (float32) or k (int32), traced so another value does not recompile."""
+
+    fn: Callable
+    params: dict
+    value: np.ndarray
+
+    def mask(self, h):
+        return self.fn(self.params, h, self.value)
+
+
+def _gate_threshold_rule(params, h, threshold):
+    return gate_mask(params["w_gate"], h, threshold, params["b_gate"])
+
+
+def _gate_topk_rule(params, h, k):
+    return gate_topk_mask(params["w_gate"], h, k, params["b_gate"])
 
 
 class NaiveSelector:
@@ -113,6 +144,20 @@ class PredictorSelector:
     def begin(self, token: int, pos: int):
         return None
 
+    def _rule(self, params: dict, layer: int) -> MaskRule:
+        if self.selection.mode == "topk":
+            k = self.selection.k(self.predictors.config.d_ffn, float(self.predictors.active_counts[layer]))
+            return MaskRule(predictor_topk_mask, params, np.int32(k))
+        return MaskRule(predictor_threshold_mask, params, np.float32(self.selection.threshold))
+
+    def rule(self, layer: int) -> MaskRule:
+        """How layer `layer` picks its neurons from its own FFN input, on the device."""
+        return self._rule(self.predictors.layers[layer], layer)
+
+    def ahead_rule(self, layer: int) -> MaskRule | None:
+        """How layer `layer`'s neurons are guessed from layer-1's FFN input (None: no lookahead)."""
+        return self._rule(self.predictors.lookahead[layer], layer) if self.use_lookahead else None
+
     def needed(self, layer: int, h) -> np.ndarray:
         return self.predictors.needed_ids(layer, h, self.selection)
 
@@ -136,6 +181,13 @@ class GatePathSelector(PredictorSelector):
     @property
     def nbytes(self) -> int:
         return self.gate.nbytes
+
+    def rule(self, layer: int) -> MaskRule:
+        gate = self.gate
+        params = {"w_gate": gate.w_gate[layer], "b_gate": None if gate.b_gate is None else gate.b_gate[layer]}
+        if gate.top_k is not None:
+            return MaskRule(_gate_topk_rule, params, np.int32(gate.k(layer)))
+        return MaskRule(_gate_threshold_rule, params, np.float32(gate.thresholds[layer]))
 
     def needed(self, layer: int, h) -> np.ndarray:
         return self.gate.needed_ids(layer, h)

@@ -86,12 +86,15 @@ class GateSelector:
     top_k: int | None = None
     over_select: float = 1.0
 
+    def k(self, layer: int) -> int:
+        """Neurons kept per token under top-k: ceil(top_k * over_select), at most the layer's."""
+        return int(min(self.w_gate[layer].shape[0], max(1, np.ceil(self.top_k * self.over_select))))
+
     def needed_ids(self, layer: int, h) -> np.ndarray:
         b = None if self.b_gate is None else self.b_gate[layer]
         w = self.w_gate[layer]
         if self.top_k is not None:
-            k = int(min(w.shape[0], max(1, np.ceil(self.top_k * self.over_select))))
-            return np.flatnonzero(np.asarray(gate_topk_mask(w, h, np.int32(k), b)))
+            return np.flatnonzero(np.asarray(gate_topk_mask(w, h, np.int32(self.k(layer)), b)))
         return np.flatnonzero(np.asarray(gate_mask(w, h, np.float32(self.thresholds[layer]), b)))
 
     @property

@@ -92,11 +92,14 @@ def predict_scores(p: dict, h):
     return jax.nn.sigmoid(predictor_logits(p, h))
 
 
-@jax.jit
-def _threshold_mask(p: dict, h, threshold):
-    # [F]: selected for any of the tokens (the union a prefill step reads).
+def predictor_threshold_mask(p: dict, h, threshold):
+    """bool [F]: neurons whose score > threshold for any token of h [..., D] (the union a prefill
+    step reads). Traceable: the flash step computes it inside its own jit."""
     scores = jax.nn.sigmoid(predictor_logits(p, h))
     return jnp.any(scores.reshape(-1, scores.shape[-1]) > threshold, axis=0)
+
+
+_threshold_mask = jax.jit(predictor_threshold_mask)
 
 
 def _topk_rows(scores, k):
@@ -105,10 +108,13 @@ def _topk_rows(scores, k):
     return scores >= kth[:, None]
 
 
-@jax.jit
-def _topk_mask(p: dict, h, k):
+def predictor_topk_mask(p: dict, h, k):
+    """bool [F]: each token's k best-scored neurons, union over the tokens of h [..., D]; k traced."""
     logits = predictor_logits(p, h)
     return jnp.any(_topk_rows(logits.reshape(-1, logits.shape[-1]), k), axis=0)
+
+
+_topk_mask = jax.jit(predictor_topk_mask)
 
 
 def select(scores, threshold: float | None = 0.5, top_k: int | None = None, over_select: float = 1.0) -> np.ndarray:
