@@ -5,8 +5,10 @@ Calibrate first (on other text), then:
     python benchmarks/bench_accuracy.py MODEL_DIR --text EVAL.txt --max-tokens 512 [--json] [--out FILE]
 
 Rows: dense; oracle with the calibrated thresholds (the true top neurons at the target sparsity,
-with windowing); the predictors at several sigmoid thresholds; the gate path. Every sparse row runs
-token by token through the flash engine (teacher-forced), so its perplexity is what generation sees.
+with windowing: a measuring device, what a perfect predictor could do); the predictors at the
+engine's default sigmoid threshold (FlashOptions.predictor_threshold), or at each threshold of
+--predictor-thresholds for a sweep; the gate path. Every sparse row runs token by token through the
+flash engine (teacher-forced), so its perplexity is what generation sees.
 """
 
 from __future__ import annotations
@@ -14,17 +16,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flashjax.bench.common import finish, log, machine
+from flashjax.bench.common import finish, log, machine, text_source
 
-ROWS = [
-    # (name, load options)
-    ("dense", dict(sparsity="dense")),
-    ("oracle, calibrated threshold + window 5", dict(sparsity="oracle", threshold="calibrated")),
-    ("predictor, score > 0.5", dict(sparsity="predictor", predictor_threshold=0.5)),
-    ("predictor, score > 0.3", dict(sparsity="predictor", predictor_threshold=0.3)),
-    ("predictor, score > 0.2", dict(sparsity="predictor", predictor_threshold=0.2)),
-    ("gate path (gate resident)", dict(sparsity="gate")),
-]
+
+def default_threshold() -> float:
+    """The engine's documented default, read from FlashOptions so this follows it when it moves."""
+    from flashjax.flash.runner import FlashOptions
+
+    return FlashOptions.predictor_threshold
+
+
+def rows_to_run(thresholds: list[float] | None) -> list[tuple[str, dict]]:
+    """(name, load options) per row; the predictors at the engine's default unless a sweep is asked for."""
+    default = default_threshold()
+    predictors = [(f"predictor, score > {t:g}" + (" (the engine's default)" if t == default else ""),
+                   {"sparsity": "predictor", "predictor_threshold": t}) for t in (thresholds or [default])]
+    return [("dense", {"sparsity": "dense"}),
+            ("oracle, calibrated threshold + window 5 (measuring device)", {"sparsity": "oracle", "threshold": "calibrated"}),
+            *predictors,
+            ("gate path (gate resident)", {"sparsity": "gate"})]
 
 
 def main(argv=None) -> int:
@@ -34,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--rows", nargs="*", default=None, help="subset of row names")
+    p.add_argument("--predictor-thresholds", nargs="+", type=float, default=None, metavar="T",
+                   help="predictor rows at these sigmoid thresholds, a sweep (default: the engine's default only)")
     p.add_argument("--memory-budget", default=None, help="budget for the sparse rows (default: unlimited)")
     p.add_argument("--out", default=None)
     p.add_argument("--json", action="store_true")
@@ -43,10 +55,11 @@ def main(argv=None) -> int:
     from flashjax.evaluate import perplexity
     from flashjax.sparsity import load_predictors
 
-    text = open(args.text, encoding="utf-8").read()
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
     pred = load_predictors(args.model)
     rows = []
-    for name, options in ROWS:
+    for name, options in rows_to_run(args.predictor_thresholds):
         if args.rows and name not in args.rows:
             continue
         log(f"{name}")
@@ -74,7 +87,8 @@ def main(argv=None) -> int:
         recall = [m.get("recall") for m in pred.metrics["predictor"]]
         print("predictor recall per layer (held-out calibration tokens, score > 0.5): "
               + " ".join(f"{x:.2f}" for x in recall))
-    report = {"benchmark": "accuracy", "machine": machine(), "model": args.model, "text": args.text,
+    report = {"benchmark": "accuracy", "machine": machine(), "model": args.model, "text": text_source(args.text),
+              "default_predictor_threshold": default_threshold(),
               "context": args.context, "stride": args.context, "memory_budget": args.memory_budget, "max_tokens": args.max_tokens,
               "rows": rows, "predictor_recall_per_layer": recall,
               "target_sparsity": None if pred is None else pred.target_sparsity}

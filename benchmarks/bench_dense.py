@@ -1,8 +1,10 @@
 """Dense engine vs Hugging Face transformers on the same machine, in the same run.
 
 Decode ms/token and prefill tokens/s for: flashjax dense (float32, every weight
-resident) and transformers (PyTorch CPU, float32), same prompt (128 tokens),
-256 generated greedily, each warmed up and then measured over repeated runs.
+resident) and transformers (PyTorch CPU, float32), same prompt (128 tokens of the
+prose shipped in the package, or of --prompt-text FILE; the report records the file
+and its sha256), 256 generated greedily, each warmed up and then measured over
+repeated runs.
 Also measures XLA:CPU's matrix-vector streaming rate in this run, to say how
 far the dense decode is from the floor (weight bytes read per token / rate).
 
@@ -13,16 +15,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import sys
 import time
 
-from flashjax.bench.common import finish, log, machine, peak_rss_bytes, prompt_ids, summary
+from flashjax.bench.common import (
+    finish,
+    log,
+    machine,
+    peak_rss_bytes,
+    prompt_ids,
+    prompt_record,
+    summary,
+)
 from flashjax.engine import drain
-
-# The repository's shared prose, when this checkout sits beside it (otherwise the package's own text).
-SHARED_PROMPT_TEXT = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "calib_python_docstrings.txt"
-PROMPT_TEXT = str(SHARED_PROMPT_TEXT) if SHARED_PROMPT_TEXT.is_file() else None
 
 
 def run_flashjax(llm, ids, n_new, runs):
@@ -84,6 +89,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--prompt-text", default=None, metavar="FILE",
+                   help="text the prompt is cut from (default: the prose shipped in the package)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--skip-transformers", action="store_true")
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
 
     log(f"loading {args.model} into flashjax")
     llm = flashjax.load(args.model, progress=False)
-    ids = prompt_ids(llm.tokenizer, args.prompt_tokens, PROMPT_TEXT)
+    ids = prompt_ids(llm.tokenizer, args.prompt_tokens, args.prompt_text)
     rows = []
     fj_decode, fj_prefill, fj_tokens = run_flashjax(llm, ids, args.new_tokens, args.runs)
     rate = matvec_rate_gb_s()
@@ -109,8 +116,8 @@ def main(argv=None) -> int:
                  "prefill_tokens_per_s": summary(fj_prefill)["median"], "weight_bytes": weight_bytes,
                  "disk_bytes_per_token": 0, "peak_rss_bytes": peak_rss_bytes()})
     report = {"benchmark": "dense", "machine": machine(), "model": args.model,
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-              "xla_matvec_gb_per_s": rate, "dense_floor_ms_per_token": floor_ms, "rows": rows}
+              "prompt_tokens": args.prompt_tokens, "prompt": prompt_record(ids, args.prompt_text),
+              "new_tokens": args.new_tokens, "xla_matvec_gb_per_s": rate, "dense_floor_ms_per_token": floor_ms, "rows": rows}
     if not args.skip_transformers:
         import torch
         from transformers import AutoModelForCausalLM

@@ -28,18 +28,21 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import pathlib
 import sys
 import tempfile
 import time
 
-from flashjax.bench.common import finish, log, machine, peak_rss_bytes, prompt_ids
+from flashjax.bench.common import (
+    finish,
+    ids_sha256,
+    log,
+    machine,
+    peak_rss_bytes,
+    prompt_ids,
+    prompt_record,
+)
 from flashjax.bench.disk_probe import probe, throughput_for
 from flashjax.engine import drain
-
-# The repository's shared prose, when this checkout sits beside it (otherwise the package's own text).
-SHARED_PROMPT_TEXT = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "calib_python_docstrings.txt"
-PROMPT_TEXT = str(SHARED_PROMPT_TEXT) if SHARED_PROMPT_TEXT.is_file() else None
 
 CONFIGS = [
     # (row name, sparsity, window, bundled)
@@ -52,13 +55,16 @@ CONFIGS = [
 
 
 def prepare(args, workdir):
-    """Returns (bundled dir, unbundled dir, prompt ids)."""
+    """Returns (bundled dir, unbundled dir, prompt ids, the prompt's record for the report)."""
     from flashjax.store import convert, is_flash_dir
 
     bundled = os.path.join(workdir, "bundled")
     unbundled = os.path.join(workdir, "unbundled")
     if args.synthetic:
-        from synthetic import SyntheticSource, synthetic_config  # benchmarks/synthetic.py, beside this script
+        from synthetic import (  # benchmarks/synthetic.py, beside this script
+            SyntheticSource,
+            synthetic_config,
+        )
 
         cfg = synthetic_config(args.synthetic)
         for path, bundle in ((bundled, True), (unbundled, False)):
@@ -67,14 +73,15 @@ def prepare(args, workdir):
                 convert(SyntheticSource(cfg, args.active), path, dtype="float16", bundle=bundle)
         import numpy as np
         ids = np.random.RandomState(0).randint(4, cfg.vocab_size, size=args.prompt_tokens).tolist()
-        return bundled, unbundled, ids
+        return bundled, unbundled, ids, {"source": "random token ids, numpy RandomState(0) (a synthetic model)",
+                                         "path": None, "sha256": None, "ids_sha256": ids_sha256(ids)}
     for path, bundle in ((bundled, True), (unbundled, False)):
         if not is_flash_dir(path):
             log(f"converting {args.model} ({'bundled' if bundle else 'unbundled'}) to {path}")
             convert(args.model, path, dtype="float16", bundle=bundle)
     from flashjax.store import open_flash_model
-    return bundled, unbundled, prompt_ids(open_flash_model(bundled, verify=False).tokenizer(), args.prompt_tokens,
-                                          PROMPT_TEXT)
+    ids = prompt_ids(open_flash_model(bundled, verify=False).tokenizer(), args.prompt_tokens, args.prompt_text)
+    return bundled, unbundled, ids, prompt_record(ids, args.prompt_text)
 
 
 def measure_throughput(args, model_dir) -> dict:
@@ -143,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--active", type=float, default=0.03)
     p.add_argument("--budgets", nargs="+", default=["50%", "65%"])
     p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--prompt-text", default=None, metavar="FILE",
+                   help="text the prompt is cut from (default: the prose shipped in the package)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--workdir", default=None, help="where converted models are kept (reused if present)")
     p.add_argument("--warm", action="store_true", help="keep the page cache (default: evict before every token)")
@@ -155,7 +164,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="flashjax-bench-")
-    bundled, unbundled, ids = prepare(args, workdir)
+    bundled, unbundled, ids, prompt = prepare(args, workdir)
     from flashjax.model.params import load_params
     from flashjax.store import open_flash_source
 
@@ -217,7 +226,8 @@ def main(argv=None) -> int:
     speedups = {b: v["naive"] / v["oracle + windowing + bundling"] for b, v in by_budget.items()
                 if "naive" in v and "oracle + windowing + bundling" in v}
     for b, x in speedups.items():
-        print(f"[{b}] oracle + windowing + bundling is {x:.1f}x faster per token than naive")
+        print(f"[{b}] oracle + windowing + bundling is {x:.1f}x faster per token than naive "
+              f"(the oracle is a measuring device: what a perfect predictor could do)")
     import jax
 
     info = dict(machine(), jax_backend=jax.default_backend(),
@@ -225,7 +235,7 @@ def main(argv=None) -> int:
     report = {"benchmark": "flash-breakdown", "machine": info, "model": args.synthetic or args.model,
               "synthetic": bool(args.synthetic), "cold_page_cache": not args.warm,
               "devices": args.devices, "host_cache": args.host_cache, "throughput": throughput,
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows,
+              "prompt_tokens": args.prompt_tokens, "prompt": prompt, "new_tokens": args.new_tokens, "rows": rows,
               "speedup_vs_naive": speedups}
     return finish(report, args)
 

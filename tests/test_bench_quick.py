@@ -1,16 +1,21 @@
 """The comparison benchmark's machinery (`flashjax bench`: flashjax.bench), fast: the page-out helper really
 evicts, and a --quick run of real flashjax and transformers rows on a tiny model writes valid JSON,
-markdown and PNG plots."""
+markdown and PNG plots. And the rules that keep its figures honest: the oracle (a measuring device) is
+never the best row nor counted for a goal, predictor rows run at the engine's default threshold, a goal
+whose peer did not run in this run is not measured, and the results name the prompt's file and sha256."""
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import mmap
 import os
+import types
 
 import pytest
 from conftest import build_tiny
+
 from flashjax.bench import peers
 from flashjax.bench.compare import disk_info
 
@@ -82,11 +87,26 @@ def test_process_counters():
     assert peers.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": 3}
 
 
+def _write_tokenizer(directory, text: str) -> None:
+    """A tiny byte-level BPE trained on the prompt text itself: its alphabet is only the bytes it saw, so
+    the vocabulary stays under the tiny models' 128 ids and the prompt really is cut from the text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=110, show_progress=False))
+    assert tok.get_vocab_size() <= 128
+    tok.save(str(directory / "tokenizer.json"))
+
+
 def test_quick_compare_on_tiny_model(tmp_path, capsys):
     from flashjax.bench import compare
+    from flashjax.bench.text import PROMPT_PATH
 
     model_dir = tmp_path / "tiny"
     build_tiny("llama_gqa", model_dir)
+    _write_tokenizer(model_dir, PROMPT_PATH.read_text())
     out = tmp_path / "out"
     # The tiny model is almost all embeddings: the smallest working plan needs nearly all of it.
     rc = compare.main(["--model", str(model_dir), "--quick", "--budgets", "100%", "--new-tokens", "6",
@@ -94,9 +114,13 @@ def test_quick_compare_on_tiny_model(tmp_path, capsys):
                              "--workdir", str(tmp_path / "work"), "--probe-mib", "4", "--out", str(out), "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("machine", "rows", "disk_probe", "goals", "settings", "greedy_agreement"):
+    for key in ("machine", "rows", "disk_probe", "goals", "settings", "greedy_agreement", "prompt"):
         assert key in result, key
     assert result["machine"]["cpu_count"] and result["disk_probe"]["points"]
+    # The prompt: cut from the text shipped in the package, named with its sha256.
+    prompt = result["prompt"]
+    assert prompt["path"] == "flashjax/bench/data/prompt.txt" and prompt["built_in"] and prompt["tokens"] == 12
+    assert prompt["sha256"] == hashlib.sha256(PROMPT_PATH.read_bytes()).hexdigest()
     rows = {(r["system"], r["config"]): r for r in result["rows"]}
     flash = [r for r in result["rows"] if r["system"] == "flashjax"]
     assert [r["config"] for r in flash][:2] == ["dense", "naive"] and len(flash) == 3, [r.get("error") for r in flash]
@@ -111,10 +135,18 @@ def test_quick_compare_on_tiny_model(tmp_path, capsys):
         assert r["memory_budget"] == 1.0 and r["cold_page_cache"]
         assert r["disk_bytes_per_token"] > 0 and r["io_ms"] is not None and r["compute_ms"] is not None
     assert rows[("flashjax", "dense")]["memory_budget"] is None
+    # Not calibrated and --quick: the best sparse row is hybrid; the oracle runs only in full runs.
+    assert flash[2]["sparsity"] == "hybrid" and flash[2]["best_sparse"]
+    assert flash[2]["memory_budget_bytes"] == result["dense_weight_bytes"]  # bytes, the same for every system
     hf = next(r for r in result["rows"] if r["system"] == "transformers")
     assert hf["agreement"]["first_difference"] is None  # same weights, same greedy tokens
-    # The report: markdown with the results table, and real PNG files.
+    # No accelerate, no llama.cpp, no 50% or 80% budget in this run: no goal is judged, none against
+    # a figure remembered from elsewhere.
+    assert len(result["goals"]) == 3 and all(g["met"] is None for g in result["goals"]), result["goals"]
+    assert "llama_cpp_cold_reference_ms" not in result
+    # The report: markdown with the prompt's source and the results table, and real PNG files.
     md = (out / "results.md").read_text()
+    assert prompt["sha256"] in md and "flashjax/bench/data/prompt.txt" in md
     header = next(line for line in md.splitlines() if line.startswith("| system |"))
     table = md[md.index(header):].split("\n\n")[0].splitlines()
     assert len(table) == 2 + len(result["rows"])
@@ -122,22 +154,106 @@ def test_quick_compare_on_tiny_model(tmp_path, capsys):
     for name in ("latency_vs_memory.png", "latency_breakdown.png", "disk_probe.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
-    assert json.loads((out / "results.json").read_text())["rows"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] and saved["prompt"]["sha256"] == prompt["sha256"]
+
+
+def _row(sparsity, budget, ms, **extra):
+    return dict(system="flashjax", sparsity=sparsity, config=sparsity, memory_budget=budget, decode_ms_per_token=ms,
+                sparse_candidate=True, series="flashjax best sparse (cold)", **extra)
 
 
 def test_best_sparse_is_the_fastest_candidate_at_each_budget():
     from flashjax.bench.compare import pick_best_sparse
 
-    def row(sparsity, budget, ms, **extra):
-        return dict(system="flashjax", sparsity=sparsity, memory_budget=budget, decode_ms_per_token=ms,
-                    sparse_candidate=True, series="flashjax best sparse (cold)", **extra)
-
-    rows = [row("predictor", 0.5, 300.0), row("hybrid", 0.5, 140.0), row("predictor", 0.8, 90.0),
-            row("hybrid", 0.8, 100.0), row("hybrid", 0.65, None, error="BudgetTooSmallError: ...")]
+    rows = [_row("predictor", 0.5, 300.0), _row("hybrid", 0.5, 140.0), _row("predictor", 0.8, 90.0),
+            _row("hybrid", 0.8, 100.0), _row("hybrid", 0.65, None, error="BudgetTooSmallError: ...")]
     pick_best_sparse(rows)
     assert [r["best_sparse"] for r in rows] == [False, True, True, False, False]
     assert rows[0]["series"] == "flashjax predictor (cold, not the best)"
     assert rows[1]["series"] == "flashjax best sparse (cold)"
+
+
+@pytest.mark.parametrize("marked", [True, False])  # False: results written before oracle rows were marked
+def test_pick_best_sparse_never_picks_the_oracle(marked):
+    from flashjax.bench.compare import ORACLE_SERIES, pick_best_sparse
+
+    oracle = {"measuring_device": True} if marked else {}
+    rows = [_row("oracle", 0.5, 10.0, **oracle), _row("predictor", 0.5, 300.0), _row("oracle", 0.8, 5.0, **oracle)]
+    pick_best_sparse(rows)
+    assert [r["best_sparse"] for r in rows] == [False, True, False]  # at 80% only the oracle ran: no best
+    assert rows[0]["series"] == rows[2]["series"] == ORACLE_SERIES
+
+
+def _goals(rows):
+    from flashjax.bench.compare import GOALS, goals, pick_best_sparse
+
+    pick_best_sparse(rows)
+    return {g["goal"]: g for g in goals(rows)}, GOALS
+
+
+def test_a_goal_whose_peer_did_not_run_is_not_measured():
+    dense = {"system": "flashjax", "config": "dense", "sparsity": "dense", "memory_budget": None,
+             "decode_ms_per_token": 50.0}
+    llama_failed = {"system": "llama.cpp", "config": "mmap, cold", "memory_budget": None, "cold_page_cache": True,
+                    "skipped": "llama-cpp-python is not importable"}
+    rows = [dense, _row("predictor", 0.5, 60.0), _row("predictor", 0.8, 55.0), llama_failed]
+    by_goal, spec = _goals(rows)
+    accelerate, llama, own = (by_goal[g.text] for g in spec)
+    assert accelerate["met"] is None and "of accelerate disk offload at 50% in this run" in accelerate["detail"]
+    assert llama["met"] is None and "of llama.cpp with a cold page cache in this run" in llama["detail"]
+    assert own["met"] is True and own["ratio"] == pytest.approx(55.0 / 50.0)
+
+
+def test_the_oracle_never_counts_for_a_goal():
+    peers = [{"system": "accelerate", "config": "disk offload", "memory_budget": 0.5, "decode_ms_per_token": 1000.0},
+             {"system": "llama.cpp", "config": "mmap, cold", "memory_budget": None, "cold_page_cache": True,
+              "decode_ms_per_token": 80.0}]
+    by_goal, spec = _goals([_row("oracle", 0.5, 10.0, measuring_device=True), *peers])
+    assert all(by_goal[g.text]["met"] is None for g in spec[:2])  # only the oracle ran at 50%
+    by_goal, _ = _goals([_row("oracle", 0.5, 10.0, measuring_device=True), _row("hybrid", 0.5, 100.0), *peers])
+    accelerate, llama = by_goal[spec[0].text], by_goal[spec[1].text]
+    assert accelerate["met"] is True and accelerate["ratio"] == pytest.approx(10.0)  # hybrid's, not the oracle's
+    assert llama["met"] is False and llama["ratio"] == pytest.approx(0.8)
+
+
+def test_sparse_rows_run_at_the_engines_default_threshold_and_the_oracle_apart(monkeypatch):
+    import flashjax.sparsity
+    from flashjax.bench.compare import build_specs
+    from flashjax.flash.runner import FlashOptions
+
+    monkeypatch.setattr(flashjax.sparsity, "has_predictors", lambda path: True)
+    args = types.SimpleNamespace(new_tokens=4, runs=1, warmup_tokens=1, budgets=["50%", "80%"], quick=False,
+                                 systems=["flashjax"], no_naive=True)
+    specs = build_specs(args, "/nowhere/model.gguf", "/nowhere/flash", [1, 2, 3], {"dense_weight_bytes": 1}, "/tmp")
+    candidates = [c for s in specs for c in s.get("candidates", [])]
+    assert {c["sparsity"] for c in candidates} == {"predictor", "hybrid"}
+    for c in candidates:
+        if c["sparsity"] == "predictor":
+            assert c["flash_options"]["predictor_threshold"] == FlashOptions.predictor_threshold
+            assert f"threshold {FlashOptions.predictor_threshold:g}" in c["config"]
+    oracle = [s for s in specs if s.get("sparsity") == "oracle"]
+    assert len(oracle) == 2 and all(s["measuring_device"] and not s.get("sparse_candidate") for s in oracle)
+    assert all("measuring device" in s["config"] for s in oracle)
+    args.quick = True
+    specs = build_specs(args, "/nowhere/model.gguf", "/nowhere/flash", [1, 2, 3], {"dense_weight_bytes": 1}, "/tmp")
+    assert not any(s.get("sparsity") == "oracle" or s.get("measuring_device") for s in specs)
+    assert [[c["sparsity"] for c in s["candidates"]] for s in specs if "candidates" in s] == [["predictor", "hybrid"]] * 2
+
+
+def test_report_names_the_prompt_and_marks_the_oracle():
+    from flashjax.bench.common import prompt_record
+    from flashjax.bench.report import markdown
+
+    ok = {"decode_ms_per_token": 10.0, "prefill_tokens_per_s": 100.0, "peak_rss_bytes": 1e6, "disk_bytes_per_token": 0}
+    rows = [dict(_row("oracle", 0.5, 5.0, measuring_device=True), **ok),
+            dict(_row("hybrid", 0.5, 10.0, best_sparse=True), **ok)]
+    prompt = prompt_record([5, 6, 7])
+    md = markdown({"model": "m", "rows": rows, "prompt": prompt})
+    assert prompt["sha256"] in md and "the first 3 tokens of flashjax/bench/data/prompt.txt" in md
+    lines = [line for line in md.splitlines() if line.startswith("| flashjax |")]
+    assert "(measuring device)" in lines[0] and "best sparse" not in lines[0]
+    assert "**best sparse**" in lines[1]
 
 
 def test_cli_bench_runs_the_package_runner(monkeypatch):
@@ -161,7 +277,8 @@ def test_plots_without_matplotlib_fail_before_the_run(monkeypatch, tmp_path):
 
 
 def test_prompt_text_is_the_packages_own_unless_given(tmp_path):
-    from flashjax.bench.common import prompt_ids, prompt_text
+    from flashjax.bench.common import prompt_ids, prompt_text, text_source
+    from flashjax.bench.text import PROMPT_NAME, PROMPT_PATH
 
     class Words:  # a stand-in tokenizer: one id per word
         def encode(self, text, add_special_tokens=False):
@@ -169,13 +286,20 @@ def test_prompt_text_is_the_packages_own_unless_given(tmp_path):
 
     assert len(prompt_text().split()) > 1000
     assert prompt_ids(Words(), 128) == [len(w) for w in prompt_text().split()][:128]
+    # A file inside the package (shipped as package data), named the same on every machine.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert PROMPT_PATH.samefile(os.path.join(root, PROMPT_NAME))
+    assert text_source() == {"path": PROMPT_NAME, "built_in": True, "bytes": PROMPT_PATH.stat().st_size,
+                             "sha256": hashlib.sha256(PROMPT_PATH.read_bytes()).hexdigest()}
     own = tmp_path / "prompt.txt"
     own.write_text("one two three four")
     assert prompt_ids(Words(), 3, own) == [3, 3, 5]
+    assert text_source(own)["path"] == str(own) and not text_source(own)["built_in"]
 
 
-def test_compare_script_adds_the_shared_texts_it_finds():
-    """benchmarks/bench_compare.py: `flashjax bench` with ../shared/data's texts as defaults, when present."""
+def test_compare_script_adds_only_the_shared_calibration_text():
+    """benchmarks/bench_compare.py: `flashjax bench` with ../shared/data's calibration text as its default,
+    when present; the prompt stays the package's own, so a figure can be reproduced from the repository."""
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_compare.py")
@@ -185,5 +309,5 @@ def test_compare_script_adds_the_shared_texts_it_finds():
     argv = script.with_shared_texts(["--quick", "--prompt-text", "mine.txt"])
     assert argv[-3:] == ["--quick", "--prompt-text", "mine.txt"]  # given options come last: they win
     added = argv[:-3]
-    assert "--prompt-text" not in added
+    assert "--prompt-text" not in script.with_shared_texts([])
     assert all(os.path.isfile(p) for p in added[1::2]) and set(added[::2]) <= {"--calibration-text"}

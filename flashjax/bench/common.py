@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -43,6 +44,32 @@ def prompt_text(path: str | os.PathLike | None = None) -> str:
         return pathlib.Path(path).read_text(encoding="utf-8")[:PROMPT_CHARS]
     from flashjax.bench.text import PROMPT_TEXT
     return PROMPT_TEXT
+
+
+def text_source(path: str | os.PathLike | None = None) -> dict:
+    """Which text a figure was measured on, for the results: the file (without `path`, the package's
+    own prose, named as it sits in the package so the name is the same on every machine) and the
+    sha256 of its bytes, which `sha256sum` on that file reproduces."""
+    from flashjax.bench.text import PROMPT_NAME, PROMPT_PATH
+
+    file = pathlib.Path(path).resolve() if path else PROMPT_PATH
+    data = file.read_bytes()
+    return {"path": str(file) if path else PROMPT_NAME, "built_in": not path,
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def ids_sha256(ids) -> str:
+    """A short fingerprint of a prompt's token ids: equal ids, equal prompt, whatever the tokenizer."""
+    return hashlib.sha256(",".join(str(int(i)) for i in ids).encode()).hexdigest()
+
+
+def prompt_record(ids, text_file: str | os.PathLike | None = None) -> dict:
+    """The results' record of a prompt cut from a text (prompt_ids): the file, its sha256, and a
+    fingerprint of the token ids every system was given."""
+    record = text_source(text_file)
+    record.update(source=f"the first {len(ids)} tokens of {record['path']}", tokens=len(ids),
+                  ids_sha256=ids_sha256(ids))
+    return record
 
 
 def prompt_ids(tokenizer, n_tokens: int, text_file: str | os.PathLike | None = None) -> list[int]:

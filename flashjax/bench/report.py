@@ -33,6 +33,22 @@ def row_label(r: dict) -> str:
     return f"{r['system']} {r.get('config') or ''}".strip() + (f" @ {budget:.0%}" if budget is not None else "")
 
 
+def is_measuring_device(r: dict) -> bool:
+    """The oracle finds each token's active neurons with a full dense computation held outside the budget
+    and run outside the timings: it shows what a perfect predictor could do, and no user can run it. So
+    it is never a best row and never counts for a goal (also in results written before it was marked)."""
+    return bool(r.get("measuring_device")) or r.get("sparsity") == "oracle"
+
+
+def config_cell(r: dict) -> str:
+    """The configuration as the table shows it: which row is the best sparse one at its budget, and
+    which is the oracle."""
+    text = r.get("config") or ""
+    if is_measuring_device(r):
+        return text + ("" if "measuring device" in text else " (measuring device)")
+    return text + (" — **best sparse**" if r.get("best_sparse") else "")
+
+
 def _status(r: dict) -> str | None:
     if r.get("skipped"):
         return f"skipped: {r['skipped']}"
@@ -50,7 +66,7 @@ def results_table(result: dict) -> str:
         budget = "-" if r.get("memory_budget") is None else f"{r['memory_budget']:.0%}"
         status = _status(r)
         if status:
-            lines.append(f"| {r['system']} | {r.get('config') or ''} | {budget} | {status} ||||||||")
+            lines.append(f"| {r['system']} | {config_cell(r)} | {budget} | {status} ||||||||")
             continue
         spread = r.get("decode_ms_spread") or {}
         dec = _f(r.get("decode_ms_per_token"))
@@ -66,7 +82,7 @@ def results_table(result: dict) -> str:
         agree_s = "-" if agree is None else ("reference" if agree.get("reference") else (
             f"identical ({agree['compared']})" if agree["first_difference"] is None
             else f"differ from token {agree['first_difference']} of {agree['compared']}"))
-        lines.append(f"| {r['system']} | {r.get('config') or ''} | {budget} | {dec} | {_f(r.get('prefill_tokens_per_s'), '{:.0f}')} "
+        lines.append(f"| {r['system']} | {config_cell(r)} | {budget} | {dec} | {_f(r.get('prefill_tokens_per_s'), '{:.0f}')} "
                      f"| {_f(None if r.get('disk_bytes_per_token') is None else r['disk_bytes_per_token'] / MB, '{:.2f}')} "
                      f"| {_f(None if r.get('peak_rss_bytes') is None else r['peak_rss_bytes'] / MB, '{:.0f}')} "
                      f"| {weights} | {split} | {agree_s} | {_f(r.get('other_cpu_share'), '{:.0%}')} |")
@@ -108,6 +124,29 @@ def agreement_section(result: dict) -> list[str]:
     return out
 
 
+def prompt_line(prompt: dict | None) -> str | None:
+    """Where the prompt came from: the file and its sha256 (results.json holds the same record)."""
+    if not prompt:
+        return None
+    line = f"Prompt, the same token ids for every system: {prompt.get('source') or prompt.get('path')}"
+    if prompt.get("built_in"):
+        line += " (shipped in the flashjax package)"
+    if prompt.get("sha256"):
+        line += f", sha256 `{prompt['sha256']}`"
+    return line + "."
+
+
+def calibration_line(calibration: dict | None) -> str | None:
+    if not (calibration or {}).get("predictors"):
+        return None
+    line = f"Predictors: {calibration['predictors']}"
+    if calibration.get("path"):
+        line += f", on {calibration['path']} (sha256 `{calibration['sha256']}`)"
+    elif calibration.get("source"):
+        line += f", on {calibration['source']}"
+    return line + "."
+
+
 def markdown(result: dict, plots: dict | None = None) -> str:
     m = result.get("machine", {})
     s = result.get("settings", {})
@@ -121,6 +160,9 @@ def markdown(result: dict, plots: dict | None = None) -> str:
              f"warm-up then {s.get('runs')} measured run(s) per system; each system in its own process. "
              f"Budgets are shares of the dense float32 model's weights ({(result.get('dense_weight_bytes') or 0) / MB:.0f} MB). "
              f"Cold rows evict the weights' files from the page cache before every token (outside the timings).", ""]
+    for line in (prompt_line(result.get("prompt")), calibration_line(result.get("calibration"))):
+        if line:
+            parts += [line, ""]
     parts += ["## Results", "", results_table(result), ""]
     notes = result.get("notes") or []
     if notes:
@@ -198,14 +240,12 @@ def plot_latency_vs_memory(result: dict, path: str) -> str:
         yv = [p[1] for p in pts]
         lo = [p[1] - (p[2].get("decode_ms_spread") or {}).get("min", p[1]) for p in pts]
         hi = [(p[2].get("decode_ms_spread") or {}).get("max", p[1]) - p[1] for p in pts]
-        ax.errorbar(xv, yv, yerr=[lo, hi], marker=markers.get(system, "o"), capsize=3, label=name)
+        # The oracle drawn apart (dashed, hollow): a measuring device, not something to compare against.
+        style = {"ls": "--", "mfc": "none"} if any(is_measuring_device(r) for r in rows) else {}
+        ax.errorbar(xv, yv, yerr=[lo, hi], marker=markers.get(system, "o"), capsize=3, label=name, **style)
         if any(p[2].get("best_sparse") for p in pts):
             for x, y, (_, _, r) in zip(xv, yv, pts):  # which configuration fitted each budget
                 ax.annotate(r.get("sparsity") or "", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ref = result.get("llama_cpp_cold_reference_ms")
-    if ref and not any(r["system"] == "llama.cpp" for r in ok):
-        ax.axhline(ref, ls=":", lw=1.2, color="gray",
-                   label=f"llama.cpp cold, measured earlier, NOT in this run: {ref:.0f} ms")
     ax.set_xlabel("memory for weights (% of the dense float32 model)")
     ax.set_ylabel("decode latency (ms/token, log scale)")
     ax.set_yscale("log")
