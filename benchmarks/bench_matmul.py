@@ -4,7 +4,10 @@ For each weight shape, storage dtype and orientation (w [N, K] with rows as outp
 w [K, N] with rows contracted, x @ w) it times, for one token (x [1, 1, K]) and a prefill chunk
 (x [1, 64, K]): the float32 product (the floor), converting the whole matrix then multiplying, the
 elementwise product and sum, and row blocks converted one at a time at several block sizes; and
-`weight_matmul`, the form flashjax uses. Median of --repeats calls, ms.
+`weight_matmul`, the form flashjax uses. Quantized weights (q8, q4: flashjax.quant) are timed
+dequantized whole then multiplied, in row blocks dequantized with the 4-bit nibbles interleaved
+back into order, and through `weight_matmul` (row blocks; 4-bit blocks as two nibble halves with
+x split to match). Median of --repeats calls, ms.
 
     python benchmarks/bench_matmul.py [--shapes 1536x576 8192x2048] [--json] [--out FILE]
 """
@@ -21,9 +24,10 @@ import numpy as np
 
 from flashjax.bench.common import finish, log, machine
 from flashjax.model import matmul
+from flashjax.quant import QuantizedMatrix, quantize
 
 SHAPES = ("1536x576", "4864x896", "8192x2048", "151936x896")
-DTYPES = ("float16", "bfloat16")
+DTYPES = ("float16", "bfloat16", "q8", "q4")
 BLOCK_KIB = (64, 256, 1024, 4096)
 
 
@@ -54,6 +58,30 @@ def _forms(rows_are_outputs: bool) -> dict:
     return forms
 
 
+def _quantized_forms(rows_are_outputs: bool) -> dict:
+    def interleaved_blocks(x, w):
+        block = matmul.block_rows(w.shape[1])
+        n_full = w.shape[0] // block
+        # [n_full, ..., block] (rows as outputs) or [n_full, ..., K] (rows contracted), the tail left out:
+        # this form exists to time the interleaving, not to be complete.
+        if rows_are_outputs:
+            return jax.lax.map(lambda i: matmul._plain(x, w.row_block(i * block, block).dequantize(x.dtype), True),
+                               jnp.arange(n_full))
+        return jnp.sum(jax.lax.map(lambda i: matmul._plain(
+            jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=-1),
+            w.row_block(i * block, block).dequantize(x.dtype), False), jnp.arange(n_full)), axis=0)
+
+    return {"convert_then_dot": lambda x, w: matmul._plain(x, w.dequantize(x.dtype), rows_are_outputs),
+            "interleaved_blocks": interleaved_blocks,
+            "weight_matmul": lambda x, w: matmul.weight_matmul(x, w, rows_are_outputs)}
+
+
+def _held(w32: np.ndarray, dtype: str):
+    if dtype in ("q8", "q4"):
+        return QuantizedMatrix.from_rows(quantize(w32, dtype))
+    return jnp.asarray(w32).astype(dtype)
+
+
 def run(shapes, repeats: int, tokens: tuple[int, ...]) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
@@ -68,10 +96,11 @@ def run(shapes, repeats: int, tokens: tuple[int, ...]) -> list[dict]:
                 floor = _median_ms(jax.jit(lambda x, w: matmul._plain(x, w, rows_are_outputs)),
                                    (x, jnp.asarray(w32)), repeats)
                 for dtype in DTYPES:
-                    w = jnp.asarray(w32).astype(dtype)
+                    w = _held(w32, dtype)
                     row = {"shape": shape, "orientation": "x @ w.T" if rows_are_outputs else "x @ w",
                            "tokens": t, "dtype": dtype, "float32_ms": floor}
-                    for name, fn in _forms(rows_are_outputs).items():
+                    forms = _quantized_forms(rows_are_outputs) if dtype in ("q8", "q4") else _forms(rows_are_outputs)
+                    for name, fn in forms.items():
                         row[f"{name}_ms"] = _median_ms(jax.jit(fn), (x, w), repeats)
                     log(" ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
                                  for key, value in row.items()))
@@ -80,12 +109,12 @@ def run(shapes, repeats: int, tokens: tuple[int, ...]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k.endswith("_ms")]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k.endswith("_ms")))
     head = "| shape | orientation | tokens | dtype | " + " | ".join(k[:-3] for k in keys) + " |"
     lines = [head, "|" + "---|" * (4 + len(keys))]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['orientation']} | {r['tokens']} | {r['dtype']} | "
-                     + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+                     + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys) + " |")
     return "\n".join(lines)
 
 

@@ -109,6 +109,22 @@ class LLM:
             runner = FlashRunner(flash_model, options, engine_config, verbose=verbose)
             return cls(flash_model.config, runner.params, _tokenizer_or_none(flash_model.tokenizer), engine_config,
                        name=str(model), runner=runner)
+        if is_flash_dir(str(model)):
+            from flashjax.store import open_flash_model
+
+            flash_model = open_flash_model(model, verify=flash_options.get("verify", True))
+            if flash_model.quantized:
+                # Dense on a quantized model: every weight in memory as stored (as llama.cpp holds its
+                # file), multiplied through the dequantizing matmul; never a float copy of the model.
+                if flash_options.get("devices", 1) > 1:
+                    raise ValueError(f"{model} is quantized ({flash_model.manifest.dtype}): the dense engine "
+                                     f"runs it on one device; pass --memory-budget to split it with the flash engine")
+                if memory_budget is not None:
+                    raise ValueError("the dense engine holds every weight: drop --memory-budget or pick a "
+                                     "--sparsity that streams (hybrid, predictor, ...)")
+                params = flash_model.load_quantized_params()
+                return cls(flash_model.config, params, _tokenizer_or_none(flash_model.tokenizer), engine_config,
+                           name=str(model), runner=DenseRunner(flash_model.config, params, engine_config))
         source = open_model_source(model)
         if memory_budget is not None:
             from flashjax.flash.budget import dense_weight_bytes, parse_budget

@@ -116,9 +116,9 @@ def cmd_convert(args) -> int:
     from flashjax.store import convert
 
     manifest = convert(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                       bundle=not args.no_bundle)
-    summary = {"out": args.out, "dtype": args.dtype, "layers": len(manifest.layers),
-               "layout": manifest.layout.to_json()}
+                       bundle=not args.no_bundle, quant=args.quant)
+    summary = {"out": args.out, "dtype": manifest.dtype, "layers": len(manifest.layers),
+               "layout": manifest.layout.to_json(), "quantization": manifest.source.get("quantization")}
     print(json.dumps(summary) if args.json else f"converted {args.source} -> {args.out}")
     return 0
 
@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="new model directory")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the weights on disk")
+    p.add_argument("--quant", choices=["q8", "q4"], default=None,
+                   help="store the weights quantized instead, in blocks of 32 with float16 scales: q8 (8.5 bits "
+                        "per weight, like ggml's Q8_0) or q4 (5 bits, like Q4_1); a GGUF's matching blocks are "
+                        "copied as they are, and the error against the source is reported")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model at OUT")
     p.add_argument("--no-bundle", action="store_true",
                    help="store gate/up/down as separate arrays (the benchmark's bundling-off baseline)")

@@ -1,9 +1,10 @@
 """The memory budget: parse it, and plan what it holds (resident weights, neuron caches, I/O buffers).
 
 Everything the engine keeps for weights counts at the bytes it really occupies:
-the resident parameters in the compute dtype, each layer's neuron cache
-(capacity rows in the compute dtype), the scratch rows that stream the surplus,
-and the read buffers in flight (storage dtype). The KV cache and activations
+the resident parameters (in the compute dtype or as stored), each layer's neuron
+cache (capacity rows, likewise), the scratch rows that stream the surplus and the
+read buffers in flight (as stored). A share such as "50%" is of the model's weights
+as stored (the converted model's bytes), the paper's definition. The KV cache and activations
 are not weights and are not counted.
 """
 
@@ -52,7 +53,7 @@ class MemoryPlan:
     io_buffer_bytes: int
     n_layers: int
     d_ffn: int
-    scratch_row_bytes: int  # one streamed neuron in the compute dtype (what the FFN multiplies)
+    scratch_row_bytes: int  # one streamed neuron as stored (the FFN converts it as it multiplies)
 
     @property
     def cache_bytes(self) -> int:
@@ -80,7 +81,7 @@ def plan_memory(cfg: ModelConfig, budget_bytes: int | None, resident_bytes: int,
     """Sizes each layer's cache from what the budget leaves; `budget_bytes=None` means unlimited.
     Cached rows take `cache_itemsize` bytes per value (default: the compute dtype's)."""
     row_bytes = record_width * (cache_itemsize or compute_itemsize)
-    scratch_row_bytes = record_width * compute_itemsize
+    scratch_row_bytes = record_width * storage_itemsize  # streamed rows stay as stored (converted as multiplied)
     scratch_rows = min(scratch_rows, cfg.d_ffn)
     # Worst case in flight: `prefetch_depth` whole layers (the naive path reads every neuron).
     io_bytes = prefetch_depth * cfg.d_ffn * record_width * storage_itemsize

@@ -12,6 +12,7 @@ N neurons (rows), S devices.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,6 +23,7 @@ from flashjax.config import ModelConfig
 from flashjax.flash.shards import NEURONS
 from flashjax.model.layers import ffn_over_neurons
 from flashjax.model.transformer import attention_block, embed, ffn_input, final_logits, inverse_frequencies
+from flashjax.quant import decode_float, decode_rows
 from flashjax.sampling import sample
 
 
@@ -59,14 +61,43 @@ def attention_select_step(cfg: ModelConfig, select, ahead, layer, x, positions, 
     return x, h, kv, needed, predicted
 
 
-def _rows_ffn(cfg: ModelConfig, parts: dict, valid, h):
-    """FFN contribution of the neurons in `parts` (rows where `valid`) for inputs h [B, T, D]."""
-    return ffn_over_neurons(cfg, h, parts, live=valid)
+@dataclasses.dataclass(frozen=True)
+class RecordPart:
+    """Where a part of a neuron's record lies (columns start:stop) and how it is encoded: `kind` None
+    (float records: the part as stored), "q8"/"q4" (quantized bytes of `values` values) or
+    "float32" (a quantized record's bias, as bytes). Hashable: the jitted steps take it as static."""
+
+    name: str
+    start: int
+    stop: int
+    kind: str | None = None
+    values: int = 0
+
+    @classmethod
+    def of_layout(cls, layout) -> tuple["RecordPart", ...]:
+        return tuple(cls(name, layout.part_slice(name).start, layout.part_slice(name).stop, layout.part_kind(name),
+                         layout.part_values(name)) for name in layout.names)
+
+
+def decode_part(part: RecordPart, raw):
+    """A part's rows [N, stop - start] as `ffn_over_neurons` multiplies them: as stored, a quantized
+    matrix (slices and bitcasts, fused into the dequantizing loop), or float32 biases."""
+    if part.kind is None:
+        return raw
+    if part.kind == "float32":
+        return decode_float(raw, jnp.float32)
+    return decode_rows(raw, part.kind, part.values)
+
+
+def _rows_ffn(cfg: ModelConfig, parts: dict, valid, h, part_slices):
+    """FFN contribution of the neurons in `parts` ({name: raw rows}, rows where `valid`) for h [B, T, D]."""
+    decoded = {part.name: decode_part(part, parts[part.name]) for part in part_slices}
+    return ffn_over_neurons(cfg, h, decoded, live=valid)
 
 
 def split_records(rows, part_slices):
-    """[N, R] records -> {part: [N, width]}, still in the storage dtype (converted as multiplied)."""
-    return {name: rows[:, start:stop] for name, (start, stop) in part_slices}
+    """[N, R] records -> {part: [N, width]}, still as stored (converted as multiplied)."""
+    return {part.name: rows[:, part.start:part.stop] for part in part_slices}
 
 
 def _on_shards(mesh, fn, in_specs, out_specs):
@@ -95,10 +126,11 @@ def _sparse_ffn(cfg: ModelConfig, mesh, part_slices, h, cached, scratch):
         if cached is not None:
             buffers, counts = next(parts)
             capacity = next(iter(buffers.values())).shape[0]
-            out = out + _rows_ffn(cfg, buffers, jnp.arange(capacity) < counts[0], h)
+            out = out + _rows_ffn(cfg, buffers, jnp.arange(capacity) < counts[0], h, part_slices)
         if scratch is not None:
             records, n_valid = next(parts)
-            out = out + _rows_ffn(cfg, split_records(records[0], part_slices), jnp.arange(records.shape[1]) < n_valid[0], h)
+            out = out + _rows_ffn(cfg, split_records(records[0], part_slices), jnp.arange(records.shape[1]) < n_valid[0], h,
+                                  part_slices)
         return jax.lax.psum(out, NEURONS)
 
     return _on_shards(mesh, local, tuple(specs), P())(*args)
@@ -138,11 +170,11 @@ def update_cache(mesh, part_slices, buffers, moves_src, moves_dst, load_slots, l
 
     def local(buffers, moves_src, moves_dst, load_slots, loaded):
         out = {}
-        for name, (start, stop) in part_slices:
-            buf = buffers[name]
+        for part in part_slices:
+            buf = buffers[part.name]
             buf = buf.at[moves_dst[0]].set(buf[moves_src[0]], mode="drop")
-            buf = buf.at[load_slots[0]].set(loaded[0, :, start:stop].astype(buf.dtype), mode="drop")
-            out[name] = buf
+            buf = buf.at[load_slots[0]].set(loaded[0, :, part.start:part.stop].astype(buf.dtype), mode="drop")
+            out[part.name] = buf
         return out
 
     return _on_shards(mesh, local, (P(NEURONS),) * 5, P(NEURONS))(buffers, moves_src, moves_dst, load_slots, loaded)

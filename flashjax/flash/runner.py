@@ -23,7 +23,7 @@ import numpy as np
 from flashjax.config import EngineConfig
 from flashjax.engine import ensure_kv_cache, kv_capacity, pad_prompt, sampling_args
 from flashjax.flash import kernels
-from flashjax.flash.budget import choose_dtypes, dense_weight_bytes, parse_budget, plan_memory
+from flashjax.flash.budget import choose_dtypes, parse_budget, plan_memory
 from flashjax.flash.reader import NeuronReader
 from flashjax.flash.selection import NaiveSelector, OracleSelector
 from flashjax.flash.sparse_ffn import SparseFFN, scratch_bucket, update_bucket, whole_blocks
@@ -93,10 +93,10 @@ class FlashRunner:
             from flashjax.store.host_tier import wrap_host_tier
             self.store = wrap_host_tier(self.store, options.host_cache)
         layout = self.store.layout
-        self.part_slices = tuple((name, (layout.part_slice(name).start, layout.part_slice(name).stop))
-                                 for name in layout.names)
+        self.part_slices = kernels.RecordPart.of_layout(layout)
         self.partition = NeuronPartition.make(cfg.d_ffn, self.store.ffn_block, options.devices)
-        self.dense_bytes = dense_weight_bytes(cfg, self.compute_dtype)
+        # A budget's "50%" is half of the model's weights as stored (the paper's DRAM share of the model).
+        self.dense_bytes = flash_model.stored_weight_bytes()
         self.selector = self._make_selector(flash_model, options, oracle_params)
         self.rules = self._device_rules() if self.selector.per_layer else None
         budget = None if options.memory_budget is None else parse_budget(options.memory_budget, self.dense_bytes)
@@ -104,6 +104,9 @@ class FlashRunner:
         self.params = self.placer.replicate(flash_model.load_resident(self.resident_dtype))
         if verbose:
             per_device = f" per device, {options.devices} devices" if options.devices > 1 else ""
+            if budget is not None:
+                print(f"flashjax: budget {options.memory_budget} = {budget / 1e6:.1f} MB; the model's weights as "
+                      f"stored ({flash_model.manifest.dtype}) are {self.dense_bytes / 1e6:.1f} MB", file=sys.stderr)
             print(f"flashjax: {self.plan.describe()}{per_device}; resident weights held "
                   f"{self._dtype_name(self.resident_dtype)}, cached rows {self._dtype_name(self.cache_dtype)}",
                   file=sys.stderr)
@@ -136,7 +139,11 @@ class FlashRunner:
         # Resident weights "as stored": matrices in the storage dtype, norm scales and biases float32.
         resident_bytes = {compute: flash_model.resident_nbytes(compute), "stored": flash_model.resident_nbytes("stored")}
         full = self.partition.max_size if self.options.sparsity != "naive" else 0
-        return choose_dtypes(self.options.resident_dtype, self.options.cache_dtype, compute, self.store.dtype, full,
+        choices = (self.options.resident_dtype, self.options.cache_dtype)
+        if flash_model.quantized:
+            # Quantized weights are always held as stored: a float copy would cost 4-8x the memory.
+            choices = ("storage", "storage")
+        return choose_dtypes(*choices, compute, self.store.dtype, full,
                              lambda resident, cache: self._plan(budget, resident_bytes[resident], cache))
 
     @staticmethod

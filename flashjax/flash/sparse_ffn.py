@@ -49,8 +49,8 @@ class SparseFFN:
         # caches[l][s]: layer l's cache on device s, over that device's own (local) neuron ids.
         self.caches = [[LayerNeuronCache(self.capacity, partition.size(s), window) for s in range(self.n_devices)]
                        for _ in range(cfg.n_layers)]
-        self.buffers = [{name: placer.zeros((self.n_devices * self.capacity, stop - start), cache_dtype)
-                         for name, (start, stop) in part_slices} for _ in range(cfg.n_layers)]
+        self.buffers = [{part.name: placer.zeros((self.n_devices * self.capacity, part.stop - part.start), cache_dtype)
+                         for part in part_slices} for _ in range(cfg.n_layers)]
 
     def reset(self) -> None:
         for layer in self.caches:

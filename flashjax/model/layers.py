@@ -16,11 +16,17 @@ import jax
 import jax.numpy as jnp
 
 from flashjax.config import ModelConfig
-from flashjax.model.matmul import weight_matmul
+from flashjax.model.matmul import weight_matmul, weight_rows
+from flashjax.quant import QuantizedMatrix
 
 
 def _declared(module: nn.Module, name: str, shape, dtype=jnp.float32):
-    # Checkpoint-loaded parameter; the initialiser only runs if someone calls `init`.
+    # Checkpoint-loaded parameter; the initialiser only runs if someone calls `init`. A quantized
+    # matrix is taken as loaded: its arrays are not the declared shape (Flax would compare them).
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if isinstance(value, QuantizedMatrix):
+            return value
     return module.param(name, nn.initializers.zeros, shape, dtype)
 
 
@@ -57,7 +63,7 @@ class Embedder(nn.Module):
 
     def encode(self, tokens, positions):
         # [B, T, D]
-        x = jnp.take(self.embedding, tokens, axis=0)
+        x = weight_rows(self.embedding, tokens)
         if not self.cfg.uses_rope:
             x = x + jnp.take(self.positions, positions + self.cfg.position_offset, axis=0)
         return x
@@ -167,9 +173,11 @@ def ffn_over_neurons(cfg: ModelConfig, h, neurons, live=None, on_activations=Non
 
 def dense_ffn_apply(cfg: ModelConfig, ffn_params, h, on_activations=None):
     """The FFN with every neuron resident, from Hugging Face-layout parameters
-    {"w_up", "w_gate", "w_down" [D, F], "b_up", "b_gate", "b_down"}."""
+    {"w_up", "w_gate", "w_down" [D, F], "b_up", "b_gate", "b_down"}; a quantized model holds the
+    down projection neuron-major instead, as its records do ("down_rows" [F, D], blocks along D)."""
     # The transpose of w_down folds into the dot's dimension numbers; nothing is copied.
-    neurons = {"up": ffn_params["w_up"], "down": ffn_params["w_down"].T}
+    down = ffn_params["down_rows"] if "down_rows" in ffn_params else ffn_params["w_down"].T
+    neurons = {"up": ffn_params["w_up"], "down": down}
     for ours, theirs in (("gate", "w_gate"), ("b_up", "b_up"), ("b_gate", "b_gate")):
         if theirs in ffn_params:
             neurons[ours] = ffn_params[theirs]
@@ -186,7 +194,8 @@ class DenseFFN(nn.Module):
     def __call__(self, h):
         c = self.cfg
         f, d = c.d_ffn, c.d_model
-        shapes = {"w_up": (f, d), "w_down": (d, f)}
+        shapes = {"w_up": (f, d)}
+        shapes.update({"down_rows": (f, d)} if self.has_variable("params", "down_rows") else {"w_down": (d, f)})
         if c.is_glu:
             shapes["w_gate"] = (f, d)
         if c.ffn_bias:

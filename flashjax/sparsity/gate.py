@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flashjax.model.matmul import weight_matmul
 from flashjax.sparsity.predictor import _topk_rows, selection_metrics
 from flashjax.sparsity.thresholds import quantile_threshold
 
 
 def _gate_magnitude(w_gate, h, b_gate=None):
-    # [..., F]
-    g = jnp.einsum("...d,fd->...f", h.astype(jnp.float32), w_gate.astype(jnp.float32))
+    # [..., F]; w_gate [F, D] in any float dtype or quantized (the records' gate rows, as stored)
+    g = weight_matmul(h.astype(jnp.float32), w_gate)
     if b_gate is not None:
         g = g + b_gate
     return jnp.abs(jax.nn.silu(g))
@@ -101,7 +102,7 @@ class GateSelector:
     def nbytes(self) -> int:
         """Memory the resident gate projections take."""
         parts = list(self.w_gate) + (list(self.b_gate) if self.b_gate is not None else [])
-        return int(sum(p.size * p.dtype.itemsize for p in parts))
+        return int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(parts)))
 
     @classmethod
     def from_model(cls, model_dir, thresholds, dtype=jnp.float32, **options) -> "GateSelector":
@@ -120,11 +121,19 @@ def load_gate_weights(model_dir, dtype=jnp.float32) -> tuple[list, list | None]:
     if not model.config.is_glu:
         raise ValueError(f"{model_dir}: the gate path needs a SwiGLU model; "
                          f"this one uses {model.config.ffn_activation}")
+    from flashjax.quant import QuantizedMatrix, QuantizedRows
+    from flashjax.store.manifest import decode_part
+
     store, layout = model.ffn_store(), model.manifest.layout
     w, b = [], []
     for layer in range(model.config.n_layers):
         records = store.read_layer(layer)
-        w.append(jnp.asarray(records[:, layout.part_slice("gate")], dtype))
+        raw, kind = records[:, layout.part_slice("gate")], layout.part_kind("gate")
+        if kind in ("q8", "q4"):  # kept quantized: a float copy would cost the memory quantizing saved
+            w.append(QuantizedMatrix.from_rows(QuantizedRows.from_bytes(kind, raw, layout.part_values("gate"))))
+        else:
+            w.append(jnp.asarray(raw, dtype))
         if "b_gate" in layout.names:
-            b.append(jnp.asarray(records[:, layout.part_slice("b_gate")][:, 0], jnp.float32))
+            b.append(jnp.asarray(decode_part(layout, "b_gate", records[:, layout.part_slice("b_gate")])[:, 0],
+                                 jnp.float32))
     return w, (b or None)

@@ -21,9 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from flashjax.config import ModelConfig
-from flashjax.store.manifest import (FileGroup, Layout, LayerEntry, Manifest, is_ffn_on_disk, resident_dtype,
-                                     storage_dtype)
-from flashjax.store.resident import resident_paths, save_resident
+from flashjax.quant import GROUP, QuantizedRows, quantizable, quantize, relative_rms_error
+from flashjax.store.manifest import (FileGroup, Layout, LayerEntry, Manifest, encode_part, is_ffn_on_disk,
+                                     is_quantized, storage_dtype)
+from flashjax.store.resident import quantized_tree, resident_format, resident_paths, save_resident
 from flashjax.store.zarr_io import write_array
 
 # Target size of a block (inner chunk, the unit TensorStore reads): ffn_block=None picks the largest
@@ -58,7 +59,8 @@ def write_layer(model_dir: str, layer: int, records: np.ndarray, layout: Layout,
     arrays = layer_array_paths(layer, layout)
     for name, rel in arrays.items():
         data = records if name == "bundle" else records[:, layout.part_slice(name)]
-        write_array(os.path.join(model_dir, rel), np.ascontiguousarray(data), dtype, layout.ffn_block)
+        write_array(os.path.join(model_dir, rel), np.ascontiguousarray(data), storage_dtype(dtype).name,
+                    layout.ffn_block)
     return LayerEntry(arrays=arrays, checksum=FileGroup.of(model_dir, list(arrays.values())))
 
 
@@ -105,13 +107,19 @@ class FlashWriter:
 
     def __init__(self, out_dir, cfg: ModelConfig, dtype: str = "float16", ffn_block: int | None = None,
                  bundle: bool = True, overwrite: bool = False, source_path: str | None = None,
-                 source_info: dict | None = None):
-        storage_dtype(dtype)  # validates the name before any work
+                 source_info: dict | None = None, down_quant: str | None = None):
+        storage_dtype(dtype)  # validates the name before any work ("q8"/"q4": quantized)
         self.out_dir = os.path.abspath(os.fspath(out_dir))
         self.cfg, self.dtype, self.overwrite = cfg, dtype, overwrite
+        quant = dtype if is_quantized(dtype) else None
+        if quant is not None and not quantizable(cfg.d_model):
+            raise ConvertError(f"--quant {quant} stores each neuron's rows in blocks of {GROUP} values, and this "
+                               f"model's d_model ({cfg.d_model}) is not a multiple of {GROUP}: use --dtype instead")
         if ffn_block is None:
-            ffn_block = auto_ffn_block(Layout.for_config(cfg).record_width * storage_dtype(dtype).itemsize)
-        self.layout = Layout.for_config(cfg, bundle=bundle, ffn_block=ffn_block)
+            layout = Layout.for_config(cfg, quant=quant, down_quant=down_quant)
+            ffn_block = auto_ffn_block(layout.record_width * storage_dtype(dtype).itemsize)
+        self.layout = Layout.for_config(cfg, bundle=bundle, ffn_block=ffn_block, quant=quant, down_quant=down_quant)
+        self.errors: dict[str, tuple[str, str, float]] = {}  # path -> (from, stored as, relative RMS error)
         self.source_info = source_info or {}
         self.tokenizer = None
         _check_paths(source_path, self.out_dir, overwrite)
@@ -124,7 +132,8 @@ class FlashWriter:
         os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; the model is an ordinary directory
         self.staging = os.path.join(self.tmp, "staging")
         os.makedirs(self.staging)
-        self.resident: dict[str, tuple] = {}  # path -> (staged file, dtype, shape)
+        self.resident: dict[str, tuple] = {}  # path -> (staged file, dtype, shape), or a dict of them
+        self.formats: dict[str, str] = {}  # path -> how it is stored (recorded in the manifest)
         self.pending: dict[int, set[str]] = {}
         self.layers: dict[int, LayerEntry] = {}
         self.manifest = None
@@ -141,26 +150,66 @@ class FlashWriter:
 
     # -- adding weights --------------------------------------------------------------------------
 
-    def add(self, path: str, array: np.ndarray) -> None:
-        """Adds one tensor (flashjax path, array in any float dtype; shapes as ModelSource yields)."""
+    def add(self, path: str, array) -> None:
+        """Adds one tensor (flashjax path; an array in any float dtype, or flashjax.quant.QuantizedRows
+        read from a quantized checkpoint; shapes as ModelSource yields)."""
         if not is_ffn_on_disk(path):
-            # Staged to disk too and memory-mapped back for the Orbax save, so that converting holds
-            # one tensor in memory, not the resident third of the model.
-            # (Raw bytes, not .npy: numpy's .npy has no bfloat16.)
-            staged = os.path.join(self.staging, f"resident_{path}.bin")
-            dtype = resident_dtype(array.shape, self.dtype)
-            np.ascontiguousarray(array, dtype=dtype).tofile(staged)
-            self.resident[path] = (staged, dtype, tuple(array.shape))
+            self._add_resident(path, array)
             return
         _, layer, _, leaf = path.split(".")
         layer, part = int(layer), leaf.removeprefix("w_")
-        # Staged neuron-major, as the record lays it out: w_down's column i, biases as a column.
-        piece = array.T if part == "down" else (array[:, None] if array.ndim == 1 else array)
-        np.ascontiguousarray(piece, dtype=storage_dtype(self.dtype)).tofile(self._staged(layer, part))
+        # Staged neuron-major, as the record lays it out: w_down's column i, biases as a column. The
+        # down projection's blocks run along its input (the neurons) in a checkpoint and along the
+        # output in a record (one neuron's column), so it is regrouped through float32.
+        if part == "down":
+            piece = _floats(array).T
+        else:
+            piece = array[:, None] if not isinstance(array, QuantizedRows) and array.ndim == 1 else array
+        encoded = encode_part(self.layout, part, piece, storage_dtype(self.dtype))
+        if self.layout.part_kind(part) in ("q8", "q4"):
+            self._record_error(path, array, piece, encoded, part)
+        np.ascontiguousarray(encoded).tofile(self._staged(layer, part))
         done = self.pending.setdefault(layer, set())
         done.add(part)
         if done == set(self.layout.names):
             self._write_staged(layer)
+
+    def _add_resident(self, path: str, array) -> None:
+        # Staged to disk too and memory-mapped back for the Orbax save, so that converting holds
+        # one tensor in memory, not the resident third of the model.
+        # (Raw bytes, not .npy: numpy's .npy has no bfloat16.)
+        shape = tuple(array.shape)
+        fmt = self.formats[path] = resident_format(path, shape, self.dtype)
+        if fmt in ("q8", "q4"):
+            rows = array if isinstance(array, QuantizedRows) and array.kind == fmt else quantize(_floats(array), fmt)
+            self._note_error(path, array, rows)
+            staged = {}
+            for key, part in quantized_tree(rows).items():
+                staged[key] = (os.path.join(self.staging, f"resident_{path}.{key}.bin"), part.dtype, part.shape)
+                np.ascontiguousarray(part).tofile(staged[key][0])
+            self.resident[path] = staged
+            return
+        staged = os.path.join(self.staging, f"resident_{path}.bin")
+        np.ascontiguousarray(_floats(array), dtype=np.dtype(fmt)).tofile(staged)
+        self.resident[path] = (staged, np.dtype(fmt), shape)
+
+    def _note_error(self, path: str, source, rows: QuantizedRows) -> None:
+        """Records how far the stored values are from the source's (a GGUF's own dequantized values)."""
+        if isinstance(source, QuantizedRows) and source is rows:
+            self.errors[path] = (source.origin or source.kind, rows.kind, source.origin_error)
+            return
+        origin = source.origin or source.kind if isinstance(source, QuantizedRows) else "float"
+        self.errors[path] = (origin, rows.kind, relative_rms_error(rows.dequantize(), _floats(source)))
+
+    def _record_error(self, path: str, source, piece, encoded: np.ndarray, part: str) -> None:
+        kind = self.layout.part_kind(part)
+        stored = QuantizedRows.from_bytes(kind, encoded, self.layout.part_values(part))
+        if isinstance(piece, QuantizedRows) and piece.kind == kind:  # kept code for code
+            self.errors[path] = (piece.origin or kind, kind, piece.origin_error)
+            return
+        reference = _floats(piece)
+        origin = source.origin or source.kind if isinstance(source, QuantizedRows) else "float"
+        self.errors[path] = (origin, kind, relative_rms_error(stored.dequantize(), reference))
 
     def add_records(self, layer: int, records: np.ndarray) -> None:
         """Adds a whole layer's records [d_ffn, record_width] (see Layout for the column order)."""
@@ -193,8 +242,13 @@ class FlashWriter:
             raise ConvertError(f"resident tensors missing: {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}")
         from flashjax.model.params import empty_tree, set_path
         tree = empty_tree(self.cfg)
-        for path, (staged, dtype, shape) in self.resident.items():
-            set_path(tree, path, np.memmap(staged, dtype=dtype, mode="r", shape=shape))
+        for path, staged in self.resident.items():
+            if isinstance(staged, dict):  # a quantized matrix: {"values", "scales"[, "offsets"]}
+                set_path(tree, path, {key: np.memmap(f, dtype=dtype, mode="r", shape=shape)
+                                      for key, (f, dtype, shape) in staged.items()})
+            else:
+                f, dtype, shape = staged
+                set_path(tree, path, np.memmap(f, dtype=dtype, mode="r", shape=shape))
         save_resident(self.tmp, tree)
         del tree
         shutil.rmtree(self.staging)
@@ -206,20 +260,47 @@ class FlashWriter:
             config=self.cfg, dtype=self.dtype, layout=self.layout,
             layers=tuple(self.layers[i] for i in range(self.cfg.n_layers)),
             resident={"path": "resident", "sha256": resident_files.sha256, "bytes": resident_files.bytes,
-                      "files": resident_files.files},
-            source=self.source_info, tokenizer=self.tokenizer is not None)
+                      "files": resident_files.files, "formats": self.formats},
+            source={**self.source_info, **({"quantization": quantization_report(self.errors)} if self.errors else {})},
+            tokenizer=self.tokenizer is not None)
         manifest.write(self.tmp)  # last: its presence marks a complete model
         _move_into_place(self.tmp, self.out_dir)
         return manifest
 
 
+def _floats(array) -> np.ndarray:
+    return array.dequantize() if isinstance(array, QuantizedRows) else np.asarray(array, np.float32)
+
+
+def quantization_report(errors: dict[str, tuple[str, str, float]]) -> list[dict]:
+    """Per kind of tensor (e.g. "attn.wq", over all layers) and source format: what it was stored as
+    and the relative RMS error of the stored values against the source's (mean and max)."""
+    groups: dict[tuple, list[float]] = {}
+    for path, (origin, kind, error) in errors.items():
+        leaf = ".".join(p for p in path.split(".") if not p.isdigit() and p != "layers")
+        groups.setdefault((leaf, origin, kind), []).append(error)
+    return [{"tensor": leaf, "from": origin, "stored": kind, "count": len(e), "mean_error": float(np.mean(e)),
+             "max_error": float(np.max(e))} for (leaf, origin, kind), e in sorted(groups.items())]
+
+
+def format_quantization_report(report: list[dict]) -> str:
+    lines = ["tensor            from    stored  count  relative RMS error (mean / max)"]
+    for r in report:
+        lines.append(f"{r['tensor']:<17} {r['from']:<7} {r['stored']:<7} {r['count']:>5}  "
+                     f"{r['mean_error']:.2e} / {r['max_error']:.2e}")
+    return "\n".join(lines)
+
+
 def convert(src_spec, out_dir, dtype: str = "float16", overwrite: bool = False, progress: bool = True,
-            ffn_block: int | None = None, bundle: bool = True) -> Manifest:
+            ffn_block: int | None = None, bundle: bool = True, quant: str | None = None) -> Manifest:
     """Converts `src_spec` (anything `--model` accepts, a flash directory too, or a ModelSource object
     such as a generator of synthetic weights) into a flash model directory `out_dir`; returns the
     manifest written.
 
     `dtype`: storage dtype of the FFN records and resident matrices ("float16", "bfloat16", "float32").
+    `quant`: "q8" or "q4" instead (flashjax.quant): weights in 8- or 4-bit blocks with their scales;
+    a GGUF's blocks that map onto the format are copied code for code, and the error of every stored
+    tensor against the source's own values is reported (stderr, and the manifest's source entry).
     `ffn_block`: neurons per block (inner chunk); None: as many as fit in BLOCK_BYTES. `bundle=False`
     writes each projection as its own array (the "bundling off" baseline).
     """
@@ -227,20 +308,31 @@ def convert(src_spec, out_dir, dtype: str = "float16", overwrite: bool = False, 
     from flashjax.store.model import open_model_source
     from flashjax.weights.source import ModelSource
 
+    if quant is not None:
+        from flashjax.quant import check_kind
+        dtype = check_kind(quant)
     source = src_spec if isinstance(src_spec, ModelSource) else open_model_source(src_spec)
     cfg = source.config
     on_disk = os.path.exists(source.path)  # generated sources name no file
     info = {"spec": source.path if isinstance(src_spec, ModelSource) else os.fspath(src_spec),
             "path": os.path.abspath(source.path) if on_disk else source.path, "fmt": source.fmt}
+    # A record holds one neuron's column of w_down, while a checkpoint's blocks run along its rows
+    # (32 neurons of one output): quantized there already, the column must be requantized, and at 4
+    # bits the two roundings compound (the default model's perplexity rose 5.6%), so it gets 8 bits.
+    down_quant = "q8" if quant == "q4" and source.fmt == "gguf" else None
     with FlashWriter(out_dir, cfg, dtype, ffn_block, bundle, overwrite, source.path if on_disk else None,
-                     info) as writer:
+                     info, down_quant=down_quant) as writer:
         with tqdm(total=cfg.param_count(), unit="w", unit_scale=True, desc="converting", file=sys.stderr,
                   disable=not progress) as bar:
-            for path, array in source.iter_tensors():
+            for path, array in source.iter_tensors(quantized=quant is not None):
                 writer.add(path, array)
-                bar.update(array.size)
+                bar.update(int(np.prod(array.shape)))
         try:
             writer.tokenizer = source.tokenizer()
         except TokenizerError as e:
             print(f"flashjax convert: warning: no tokenizer written ({e})", file=sys.stderr)
+    report = writer.manifest.source.get("quantization")
+    if report and progress:
+        print("flashjax convert: stored values against the source's\n" + format_quantization_report(report),
+              file=sys.stderr)
     return writer.manifest

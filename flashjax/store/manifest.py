@@ -4,7 +4,9 @@
 
 - `format_version` (FORMAT_VERSION) and the `ModelConfig` as a plain dict (`model_config_from_dict`
   rebuilds the frozen dataclass exactly);
-- `dtype`: the storage dtype of the FFN records and of the resident matrices;
+- `dtype`: the storage dtype of the FFN records and of the resident matrices ("float16", ...), or a
+  quantization ("q8", "q4", see flashjax.quant): records are then bytes (`Layout.quant` says how
+  each part is encoded) and `resident["formats"]` says how each resident tensor is held;
 - `layout`: how a neuron's weights form one record (see `Layout`);
 - `layers`: per layer, the zarr3 array(s) holding its records, with a checksum (`tree_checksum`);
 - `resident`: where the Orbax checkpoint of the resident parameters lives, with its checksum;
@@ -23,6 +25,8 @@ import ml_dtypes
 import numpy as np
 
 from flashjax.config import ModelConfig
+from flashjax.quant import KINDS as QUANT_KINDS
+from flashjax.quant import row_bytes
 from flashjax.weights.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -38,9 +42,17 @@ class StoreChecksumError(CheckpointError):
 
 
 def storage_dtype(name: str) -> np.dtype:
+    """The dtype of a record's elements: the float storage dtype, or bytes for a quantized model."""
+    if name in QUANT_KINDS:
+        return np.dtype(np.uint8)
     if name not in STORAGE_DTYPES:
-        raise ValueError(f"storage dtype {name!r} is not supported; supported: {', '.join(STORAGE_DTYPES)}")
+        raise ValueError(f"storage dtype {name!r} is not supported; supported: "
+                         f"{', '.join(STORAGE_DTYPES)} (or --quant {'/'.join(QUANT_KINDS)})")
     return STORAGE_DTYPES[name]
+
+
+def is_quantized(storage: str) -> bool:
+    return storage in QUANT_KINDS
 
 
 def is_ffn_on_disk(path: str) -> bool:
@@ -63,7 +75,7 @@ def resident_dtype(shape: tuple[int, ...], storage: str) -> np.dtype:
 class Layout:
     """How one neuron's FFN weights form a record (a row of `record_width` values).
 
-    `parts` lists the record's pieces in order, each (name, width): SwiGLU ("gate", d), ("up", d),
+    `parts` lists the record's pieces in order, each (name, width in record elements): SwiGLU ("gate", d), ("up", d),
     ("down", d), then ("b_gate", 1), ("b_up", 1) when the FFN has biases (Llama with mlp_bias); ReLU/OPT
     ("up", d), ("down", d), then ("b_up", 1) when the FFN has biases. Row i of
     "gate"/"up" is row i of w_gate/w_up ([out, in] as in Hugging Face); "down" is column i of w_down.
@@ -71,11 +83,19 @@ class Layout:
     when each part is its own array (the "bundling off" baseline); reads return the same records
     either way. `ffn_block` neurons form one block, the inner chunk TensorStore reads: each array is
     stored as [n_blocks, ffn_block, width], record i at [i // ffn_block, i % ffn_block] (store.zarr_io).
+    `quant` is empty for float records; for a quantized model it gives each part's encoding, (name,
+    "q8" | "q4" | "float32"), and record elements are bytes: a quantized part holds the row's values,
+    scales and offsets (flashjax.quant.QuantizedRows.to_bytes), a float32 part a bias.
     """
 
     parts: tuple[tuple[str, int], ...]
     bundle: tuple[str, ...] | None
     ffn_block: int
+    quant: tuple[tuple[str, str], ...] = ()
+
+    def part_kind(self, name: str) -> str | None:
+        """How part `name` is encoded: None for float records (the storage dtype), else its quant entry."""
+        return dict(self.quant).get(name) if self.quant else None
 
     @property
     def record_width(self) -> int:
@@ -84,6 +104,17 @@ class Layout:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(n for n, _ in self.parts)
+
+    def part_values(self, name: str) -> int:
+        """Values (not record elements) in part `name`: d_model for a weight row, 1 for a bias."""
+        width = dict(self.parts)[name]
+        kind = self.part_kind(name)
+        if kind is None:
+            return width
+        if kind == "float32":
+            return width // 4
+        from flashjax.quant import GROUP
+        return width * GROUP // row_bytes(kind, GROUP)
 
     def part_slice(self, name: str) -> slice:
         """Columns of a record holding part `name`."""
@@ -95,41 +126,83 @@ class Layout:
         raise KeyError(f"the record has no part {name!r} (parts: {', '.join(self.names)})")
 
     @classmethod
-    def for_config(cls, cfg: ModelConfig, bundle: bool = True, ffn_block: int = 32) -> "Layout":
+    def for_config(cls, cfg: ModelConfig, bundle: bool = True, ffn_block: int = 32, quant: str | None = None,
+                   down_quant: str | None = None) -> "Layout":
+        """`quant`: None (float records) or "q8"/"q4": the weight parts in that format (the down part in
+        `down_quant` when given), biases float32."""
         d = cfg.d_model
         if cfg.is_glu:
-            parts = (("gate", d), ("up", d), ("down", d)) + ((("b_gate", 1), ("b_up", 1)) if cfg.ffn_bias else ())
+            names = ("gate", "up", "down") + (("b_gate", "b_up") if cfg.ffn_bias else ())
         else:
-            parts = (("up", d), ("down", d)) + ((("b_up", 1),) if cfg.ffn_bias else ())
+            names = ("up", "down") + (("b_up",) if cfg.ffn_bias else ())
         if ffn_block < 1:
             raise ValueError(f"ffn_block must be at least 1, got {ffn_block}")
-        return cls(parts=parts, bundle=tuple(n for n, _ in parts) if bundle else None, ffn_block=int(ffn_block))
+        def kind(n):
+            return "float32" if n.startswith("b_") else (down_quant or quant) if n == "down" else quant
+
+        kinds = () if quant is None else tuple((n, kind(n)) for n in names)
+        if quant is None:
+            parts = tuple((n, 1 if n.startswith("b_") else d) for n in names)
+        else:
+            parts = tuple((n, 4 if kind == "float32" else row_bytes(kind, d)) for n, kind in kinds)
+        return cls(parts=parts, bundle=names if bundle else None, ffn_block=int(ffn_block), quant=kinds)
 
     def to_json(self) -> dict:
         return {"bundle": None if self.bundle is None else list(self.bundle), "record_width": self.record_width,
-                "ffn_block": self.ffn_block, "parts": [[n, w] for n, w in self.parts]}
+                "ffn_block": self.ffn_block, "parts": [[n, w] for n, w in self.parts],
+                "quant": [[n, k] for n, k in self.quant]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Layout":
         layout = cls(parts=tuple((n, int(w)) for n, w in d["parts"]),
-                     bundle=None if d["bundle"] is None else tuple(d["bundle"]), ffn_block=int(d["ffn_block"]))
+                     bundle=None if d["bundle"] is None else tuple(d["bundle"]), ffn_block=int(d["ffn_block"]),
+                     quant=tuple((n, k) for n, k in d.get("quant", [])))
         if layout.record_width != d["record_width"]:
             raise ValueError(f"record_width {d['record_width']} does not match the parts' widths {layout.parts}")
         return layout
+
+
+def encode_part(layout: Layout, name: str, piece, dtype: np.dtype) -> np.ndarray:
+    """One part of a layer's records [d_ffn, width] from its neuron-major piece [d_ffn, d] (or
+    [d_ffn, 1] for a bias): in `dtype` for float records, else encoded as `layout.quant` says (a
+    piece may arrive already quantized, as flashjax.quant.QuantizedRows, e.g. from a GGUF file)."""
+    from flashjax.quant import QuantizedRows, quantize
+
+    kind = layout.part_kind(name)
+    if kind is None:
+        return np.asarray(piece.dequantize() if isinstance(piece, QuantizedRows) else piece, dtype=dtype)
+    if kind == "float32":
+        return np.ascontiguousarray(piece, dtype="<f4").view(np.uint8)
+    if not (isinstance(piece, QuantizedRows) and piece.kind == kind):
+        piece = quantize(piece.dequantize() if isinstance(piece, QuantizedRows) else piece, kind)
+    return piece.to_bytes()
+
+
+def decode_part(layout: Layout, name: str, raw: np.ndarray) -> np.ndarray:
+    """The inverse of `encode_part`, as float32 (quantized parts dequantized)."""
+    from flashjax.quant import QuantizedRows
+
+    kind = layout.part_kind(name)
+    if kind is None:
+        return raw
+    if kind == "float32":
+        return np.ascontiguousarray(raw).view("<f4").astype(np.float32)
+    return QuantizedRows.from_bytes(kind, raw, layout.part_values(name)).dequantize()
 
 
 def pack_records(layout: Layout, tensors: dict[str, np.ndarray], dtype: np.dtype) -> np.ndarray:
     """Builds a layer's records [d_ffn, record_width] from its w_gate/w_up/w_down/b_up tensors."""
     pieces = {"gate": lambda: tensors["w_gate"], "up": lambda: tensors["w_up"], "down": lambda: tensors["w_down"].T,
               "b_gate": lambda: tensors["b_gate"][:, None], "b_up": lambda: tensors["b_up"][:, None]}
-    return np.concatenate([np.asarray(pieces[n](), dtype=dtype) for n in layout.names], axis=1)
+    return np.concatenate([encode_part(layout, n, pieces[n](), dtype) for n in layout.names], axis=1)
 
 
 def unpack_records(layout: Layout, records: np.ndarray) -> dict[str, np.ndarray]:
-    """The inverse of `pack_records`: {"w_gate": [f, d], "w_up": [f, d], "w_down": [d, f], "b_up": [f], ...}."""
+    """The inverse of `pack_records`: {"w_gate": [f, d], "w_up": [f, d], "w_down": [d, f], "b_up": [f], ...}
+    (dequantized to float32 for a quantized model)."""
     out = {}
     for name in layout.names:
-        piece = records[:, layout.part_slice(name)]
+        piece = decode_part(layout, name, records[:, layout.part_slice(name)])
         if name == "down":
             out["w_down"] = np.ascontiguousarray(piece.T)
         elif name.startswith("b_"):

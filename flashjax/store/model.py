@@ -16,8 +16,9 @@ import numpy as np
 
 from flashjax.config import ModelConfig
 from flashjax.store.ffn_store import FFNStore, verify_files
-from flashjax.store.manifest import Manifest, is_flash_dir, read_manifest, unpack_records
-from flashjax.store.resident import load_resident, load_resident_numpy, resident_nbytes, resident_paths
+from flashjax.store.manifest import Manifest, is_flash_dir, is_quantized, read_manifest, unpack_records
+from flashjax.store.resident import (load_resident, load_resident_numpy, manifest_formats, resident_nbytes,
+                                    resident_paths)
 from flashjax.weights.source import BUILTIN_MODELS, ModelSource, open_checkpoint
 
 
@@ -48,10 +49,43 @@ class FlashModel:
 
     def resident_nbytes(self, dtype) -> int:
         """What `load_resident(dtype)` will hold, in bytes, without loading it."""
-        return resident_nbytes(self.config, self.manifest.dtype, dtype)
+        return resident_nbytes(self.config, manifest_formats(self.manifest), dtype)
 
     def tokenizer(self):
         return _tokenizer_factory(self.path)()
+
+    @property
+    def quantized(self) -> bool:
+        return is_quantized(self.manifest.dtype)
+
+    def stored_weight_bytes(self) -> int:
+        """Every weight as stored: the resident tensors and the FFN records (what a budget's "50%" is
+        a share of)."""
+        layout = self.manifest.layout
+        records = self.config.n_layers * self.config.d_ffn * layout.record_width * self.manifest.np_dtype.itemsize
+        return self.resident_nbytes("stored") + records
+
+    def load_quantized_params(self) -> dict:
+        """Every weight in memory as stored, for the dense engine on a quantized model: the resident
+        tree, and each layer's FFN from its records as quantized matrices {"w_up", "w_gate",
+        "down_rows" (neuron-major, as the records hold it), "b_up", "b_gate", "b_down"}."""
+        import jax.numpy as jnp
+
+        from flashjax.quant import QuantizedMatrix, QuantizedRows
+
+        params = self.load_resident("stored")
+        layout, store = self.manifest.layout, self.ffn_store()
+        for layer in range(self.config.n_layers):
+            records = store.read_layer(layer)
+            ffn = params["layers"][layer]["ffn"]
+            for name in layout.names:
+                raw, kind = records[:, layout.part_slice(name)], layout.part_kind(name)
+                if kind == "float32":
+                    ffn[name] = jnp.asarray(np.ascontiguousarray(raw).view("<f4")[:, 0].astype(np.float32))
+                else:
+                    rows = QuantizedMatrix.from_rows(QuantizedRows.from_bytes(kind, raw, layout.part_values(name)))
+                    ffn["down_rows" if name == "down" else "w_" + name] = rows
+        return params
 
 
 def open_flash_model(model_dir, verify: bool = True) -> FlashModel:
@@ -69,15 +103,19 @@ class FlashModelSource(ModelSource):
     was converted from (cast through the storage dtype), FFN weights un-bundled from the records.
     Resident tensors come first, then each layer's FFN tensors."""
 
-    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+    def iter_tensors(self, quantized: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+        """(path, float32 array) pairs; a quantized model's weights dequantized (`quantized` is
+        accepted for the ModelSource interface: a converted model is re-read as floats)."""
+        from flashjax.quant import QuantizedRows
+
         manifest: Manifest = self._files["manifest"]
         cfg = manifest.config
-        resident = load_resident_numpy(self.path, cfg, manifest.dtype)
+        resident = load_resident_numpy(self.path, cfg, manifest_formats(manifest))
         for path in resident_paths(cfg):
             node = resident
             for part in path.split("."):
                 node = node[int(part)] if part.isdigit() else node[part]
-            yield path, np.asarray(node, dtype=np.float32)
+            yield path, node.dequantize() if isinstance(node, QuantizedRows) else np.asarray(node, dtype=np.float32)
         del resident
         store = FFNStore(self.path, manifest)
         for layer in range(cfg.n_layers):

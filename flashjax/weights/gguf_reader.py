@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -54,6 +55,28 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: cannot dequantize tensor {name!r} "
                                   f"({t.tensor_type.name}): {e}") from None
         return np.asarray(data, dtype=np.float32).reshape(self.shape(name))
+
+    def read_quantized(self, name: str):
+        """The tensor as flashjax.quant.QuantizedRows when its GGUF blocks map onto flashjax's formats
+        code for code (weights/gguf_blocks.py), with the relative error of that copy against the GGUF's
+        own dequantized values; None otherwise (the caller then reads floats)."""
+        from flashjax.quant import relative_rms_error
+        from flashjax.weights.gguf_blocks import read_blocks
+
+        t = self._tensors[name]
+        shape = self.shape(name)
+        if len(shape) != 2:
+            return None
+        try:
+            rows = read_blocks(t.tensor_type.name, np.asarray(t.data).reshape(shape[0], -1), shape[1])
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: cannot read the blocks of tensor {name!r} "
+                                  f"({t.tensor_type.name}): {e}") from None
+        if rows is None:
+            return None
+        # Only Q4_K's scales change (rounded to float16); the other direct types copy exactly.
+        error = relative_rms_error(rows.dequantize(), self.read(name)) if t.tensor_type.name == "Q4_K" else 0.0
+        return dataclasses.replace(rows, origin=t.tensor_type.name, origin_error=error)
 
     def model_config(self) -> ModelConfig:
         arch = self.field("general.architecture")

@@ -34,20 +34,26 @@ class ModelSource:
     def tokenizer(self):
         return self._tokenizer_factory()
 
-    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yields (flashjax path, float32 array) one tensor at a time, shape-checked."""
+    def iter_tensors(self, quantized: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+        """Yields (flashjax path, float32 array) one tensor at a time, shape-checked. With `quantized`,
+        a GGUF tensor whose blocks map onto flashjax's formats comes as flashjax.quant.QuantizedRows
+        instead (its codes as stored: see weights/gguf_blocks.py)."""
         for path, name, hook in tensor_plan(self.config, self.fmt):
             reader = self._files.get(name)
             if reader is None:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-            array = reader.read(name)
+            rows = reader.read_quantized(name) if quantized and hasattr(reader, "read_quantized") else None
+            array = reader.read(name) if rows is None else rows
             if hook is not None:
-                array = hook(array)
+                # A row permutation (the q/k heads' rotary layout): quantized rows move whole.
+                array = hook(array) if rows is None else dataclasses.replace(
+                    rows, values=hook(rows.values), scales=hook(rows.scales),
+                    offsets=None if rows.offsets is None else hook(rows.offsets))
             want = expected_shape(self.config, path)
             if tuple(array.shape) != want:
                 raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {tuple(array.shape)}, "
                                       f"expected {want} for this model's config")
-            yield path, np.asarray(array, dtype=np.float32)
+            yield path, array if rows is not None else np.asarray(array, dtype=np.float32)
 
 
 def open_checkpoint(spec: str | os.PathLike) -> ModelSource:
@@ -68,7 +74,7 @@ def open_checkpoint(spec: str | os.PathLike) -> ModelSource:
                           f"({', '.join(BUILTIN_MODELS)}), a Hugging Face model directory, or a .gguf file")
 
 
-BUILTIN_MODELS = ("smollm2", "qwen2.5-coder-0.5b")
+BUILTIN_MODELS = ("smollm2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 FLASH_MANIFEST = "manifest.json"  # what marks a converted model directory (flashjax.store.manifest.MANIFEST_NAME)
 
 
