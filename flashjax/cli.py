@@ -259,6 +259,45 @@ def cmd_bench(args) -> int:
     return bench_main(args.bench_args)
 
 
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible server (flashjax.server); the model is loaded once, in the background."""
+    import os
+
+    from flashjax.config import EngineConfig
+    from flashjax.server import ServerConfig, serve
+
+    # Checked before anything binds or loads: a bad option is one clear line, not a server that dies.
+    EngineConfig(compute_dtype=args.dtype, max_context=args.max_context)
+    config = ServerConfig(model_name=args.model, host=args.host, port=args.port,
+                          api_key=args.api_key or os.environ.get("FLASHJAX_API_KEY") or None,
+                          queue_limit=args.queue_limit, max_body_bytes=args.max_body_bytes,
+                          default_max_tokens=args.default_max_tokens, shutdown_timeout_s=args.shutdown_timeout,
+                          warm_up=not args.no_warm_up, log_level=args.log_level)
+    return serve(lambda: _load(args), config)
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions, streaming, "
+                                     "metrics, a chat page at /)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port, logged)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every endpoint but /health and the page "
+                        "(default: $FLASHJAX_API_KEY, else none)")
+    p.add_argument("--queue-limit", type=int, default=64,
+                   help="requests that may wait for the engine; past it the server answers 503 with Retry-After")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (413 past it)")
+    p.add_argument("--default-max-tokens", type=int, default=512,
+                   help="tokens generated for a request that sets no max_tokens (within the context left)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds a running request may take to finish after Ctrl-C or SIGTERM, before it is cancelled")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="skip compiling the common shapes before /health reports ready")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -315,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     _add_eval_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
