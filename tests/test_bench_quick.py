@@ -14,7 +14,6 @@ import os
 import types
 
 import pytest
-from conftest import build_tiny
 
 from flashjax.bench import peers
 from flashjax.bench.compare import disk_info
@@ -100,12 +99,30 @@ def _write_tokenizer(directory, text: str) -> None:
     tok.save(str(directory / "tokenizer.json"))
 
 
+def _tiny_llama64(directory) -> None:
+    """A tiny Llama whose rows split into blocks of 32 (d_model 64), so it has q4 and q8 copies, with layers
+    enough (6) that half of a layer's I/O in flight and the scratch rows leave room for a cache within the
+    quantized copy's own size."""
+    import torch
+    import transformers
+    from conftest import sharpen_for_parity
+
+    torch.manual_seed(12)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+                                   tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    sharpen_for_parity(model)
+    model.save_pretrained(directory)
+
+
 def test_quick_compare_on_tiny_model(tmp_path, capsys):
     from flashjax.bench import compare
     from flashjax.bench.text import PROMPT_PATH
+    from flashjax.store import open_flash_model
 
     model_dir = tmp_path / "tiny"
-    build_tiny("llama_gqa", model_dir)
+    _tiny_llama64(model_dir)
     _write_tokenizer(model_dir, PROMPT_PATH.read_text())
     out = tmp_path / "out"
     # The tiny model is almost all embeddings: the smallest working plan needs nearly all of it.
@@ -114,7 +131,7 @@ def test_quick_compare_on_tiny_model(tmp_path, capsys):
                              "--workdir", str(tmp_path / "work"), "--probe-mib", "4", "--out", str(out), "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("machine", "rows", "disk_probe", "goals", "settings", "greedy_agreement", "prompt"):
+    for key in ("machine", "rows", "disk_probe", "goals", "settings", "greedy_agreement", "prompt", "quantized"):
         assert key in result, key
     assert result["machine"]["cpu_count"] and result["disk_probe"]["points"]
     # The prompt: cut from the text shipped in the package, named with its sha256.
@@ -122,14 +139,15 @@ def test_quick_compare_on_tiny_model(tmp_path, capsys):
     assert prompt["path"] == "flashjax/bench/data/prompt.txt" and prompt["built_in"] and prompt["tokens"] == 12
     assert prompt["sha256"] == hashlib.sha256(PROMPT_PATH.read_bytes()).hexdigest()
     rows = {(r["system"], r["config"]): r for r in result["rows"]}
-    flash = [r for r in result["rows"] if r["system"] == "flashjax"]
+    flash = [r for r in result["rows"] if r["system"] == "flashjax" and not r.get("quant")]
     assert [r["config"] for r in flash][:2] == ["dense", "naive"] and len(flash) == 3, [r.get("error") for r in flash]
     for r in result["rows"]:
-        assert not r.get("error"), r
+        assert not r.get("error") and not r.get("skipped"), r
         for key in ("system", "config", "memory_budget", "decode_ms_per_token", "prefill_tokens_per_s",
-                    "disk_bytes_per_token", "peak_rss_bytes"):
+                    "disk_bytes_per_token", "peak_rss_bytes", "weights_bytes", "weights_total_bytes"):
             assert key in r, (key, r)
         assert r["decode_ms_per_token"] > 0 and r["prefill_tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
+        assert r["weights_bytes"] > 0 and r["weights_share"] > 0
         assert len(r["tokens"]) == 6
     for r in flash[1:]:
         assert r["memory_budget"] == 1.0 and r["cold_page_cache"]
@@ -138,15 +156,36 @@ def test_quick_compare_on_tiny_model(tmp_path, capsys):
     # Not calibrated and --quick: the best sparse row is hybrid; the oracle runs only in full runs.
     assert flash[2]["sparsity"] == "hybrid" and flash[2]["best_sparse"]
     assert flash[2]["memory_budget_bytes"] == result["dense_weight_bytes"]  # bytes, the same for every system
+    # The quantized copies (default q4 and q8), converted into the work directory: dense in memory for both,
+    # q4 also under the budget, a share of the q4 copy as stored.
+    assert result["settings"]["quant"] == ["q4", "q8"] and result["settings"]["quant_sparse"] == ["q4"]
+    quant = [r for r in result["rows"] if r.get("quant")]
+    assert [(r["quant"], r["sparsity"]) for r in quant] == [("q4", "dense"), ("q4", "hybrid"), ("q8", "dense")]
+    for kind in ("q4", "q8"):
+        q = result["quantized"][kind]
+        assert q["flash_dir"] == str(tmp_path / "work" / f"flash-{kind}") and q["dtype"] == kind
+        assert q["stored_weight_bytes"] == open_flash_model(q["flash_dir"], verify=False).stored_weight_bytes()
+        dense_q = rows[("flashjax", f"{kind} dense (in memory)")]
+        assert dense_q["weights_total_bytes"] == q["stored_weight_bytes"]
+        assert dense_q["weights_bytes"] < rows[("flashjax", "dense")]["weights_bytes"] / 3
+        assert dense_q["agreement"]["expected_identical"] is False
+    q4_sparse = quant[1]
+    assert q4_sparse["best_sparse"] and q4_sparse["memory_budget"] == 1.0 and q4_sparse["cold_page_cache"]
+    assert q4_sparse["memory_budget_bytes"] == result["quantized"]["q4"]["stored_weight_bytes"]
+    assert q4_sparse["budget_basis"] == "q4 as stored" and "@ 100% of q4 as stored" in q4_sparse["label"]
+    assert q4_sparse["disk_bytes_per_token"] > 0 and q4_sparse["weights_total_bytes"] == q4_sparse["memory_budget_bytes"]
+    # The exact (hybrid) q4 row streams what the q4 dense row holds: the same greedy tokens.
+    assert q4_sparse["tokens"] == quant[0]["tokens"]
     hf = next(r for r in result["rows"] if r["system"] == "transformers")
     assert hf["agreement"]["first_difference"] is None  # same weights, same greedy tokens
     # No accelerate, no llama.cpp, no 50% or 80% budget in this run: no goal is judged, none against
     # a figure remembered from elsewhere.
-    assert len(result["goals"]) == 3 and all(g["met"] is None for g in result["goals"]), result["goals"]
+    assert len(result["goals"]) == 6 and all(g["met"] is None for g in result["goals"]), result["goals"]
     assert "llama_cpp_cold_reference_ms" not in result
     # The report: markdown with the prompt's source and the results table, and real PNG files.
     md = (out / "results.md").read_text()
     assert prompt["sha256"] in md and "flashjax/bench/data/prompt.txt" in md
+    assert "100% of q4 as stored" in md
     header = next(line for line in md.splitlines() if line.startswith("| system |"))
     table = md[md.index(header):].split("\n\n")[0].splitlines()
     assert len(table) == 2 + len(result["rows"])
@@ -199,7 +238,7 @@ def test_a_goal_whose_peer_did_not_run_is_not_measured():
                     "skipped": "llama-cpp-python is not importable"}
     rows = [dense, _row("predictor", 0.5, 60.0), _row("predictor", 0.8, 55.0), llama_failed]
     by_goal, spec = _goals(rows)
-    accelerate, llama, own = (by_goal[g.text] for g in spec)
+    accelerate, llama, own = (by_goal[g.text] for g in spec[:3])
     assert accelerate["met"] is None and "of accelerate disk offload at 50% in this run" in accelerate["detail"]
     assert llama["met"] is None and "of llama.cpp with a cold page cache in this run" in llama["detail"]
     assert own["met"] is True and own["ratio"] == pytest.approx(55.0 / 50.0)
@@ -215,6 +254,110 @@ def test_the_oracle_never_counts_for_a_goal():
     accelerate, llama = by_goal[spec[0].text], by_goal[spec[1].text]
     assert accelerate["met"] is True and accelerate["ratio"] == pytest.approx(10.0)  # hybrid's, not the oracle's
     assert llama["met"] is False and llama["ratio"] == pytest.approx(0.8)
+
+
+def _llama(cold, ms, disk=None, **extra):
+    return dict(system="llama.cpp", config="mmap, cold" if cold else "in memory", memory_budget=None,
+                cold_page_cache=cold, decode_ms_per_token=ms, disk_bytes_per_token=disk, **extra)
+
+
+def _q4(sparsity, budget, ms, disk=None, **extra):
+    return dict(_row(sparsity, budget, ms, **extra), quant="q4", config=f"q4 {sparsity}", disk_bytes_per_token=disk,
+                series="flashjax q4 best sparse (cold)")
+
+
+def _quant_goals(by_goal, spec):
+    return [by_goal[g.text] for g in spec[3:]]  # q4 sparse vs llama.cpp cold, q4 dense vs in memory, bytes
+
+
+def test_quantized_goals_judge_the_q4_rows_against_llama_cpp():
+    q4_dense = {"system": "flashjax", "config": "q4 dense (in memory)", "sparsity": "dense", "quant": "q4",
+                "memory_budget": None, "decode_ms_per_token": 30.0}
+    rows = [_row("hybrid", 0.5, 20.0),  # the float16 copy's best: faster, but not a q4 row
+            _q4("predictor", 0.5, 40.0, disk=20e6), _q4("hybrid", 0.5, 50.0, disk=10e6),
+            _q4("hybrid", 0.65, 25.0, disk=5e6), q4_dense,
+            _llama(False, 20.0, disk=0), _llama(True, 150.0, disk=100e6)]
+    by_goal, spec = _goals(rows)
+    assert [r.get("best_sparse") for r in rows[:4]] == [True, True, False, True]  # each copy, each budget apart
+    assert rows[2]["series"] == "flashjax q4 hybrid (cold, not the best)"
+    speed, in_memory, reads = _quant_goals(by_goal, spec)
+    # (a) the q4 best sparse at 50% (predictor, 40 ms) against llama.cpp cold: 3.75x, met; not the float16 row.
+    assert speed["met"] is True and speed["ratio"] == pytest.approx(150.0 / 40.0)
+    assert "q4 predictor" in speed["detail"] and "40.0 vs 150.0 ms/token" in speed["detail"]
+    # (b) q4 dense 30 ms against llama.cpp in memory 20 ms: 1.5x its time, within 2x.
+    assert in_memory["met"] is True and in_memory["ratio"] == pytest.approx(1.5)
+    # (c) bytes of that same best row (20 MB) against llama.cpp cold's /proc/self/io (100 MB): 5x fewer.
+    assert reads["met"] is True and reads["ratio"] == pytest.approx(5.0) and "20.00 vs 100.00 MB/token" in reads["detail"]
+    # The float16 goals still judge the float16 row.
+    assert by_goal[spec[1].text]["ratio"] == pytest.approx(150.0 / 20.0)
+
+
+def test_quantized_goals_missed_and_not_measured():
+    q4_dense = {"system": "flashjax", "config": "q4 dense (in memory)", "sparsity": "dense", "quant": "q4",
+                "memory_budget": None, "decode_ms_per_token": 90.0}
+    # Missed: 2x faster only, 3x llama.cpp's time in memory, 2x fewer bytes.
+    by_goal, spec = _goals([_q4("hybrid", 0.5, 50.0, disk=50e6), q4_dense,
+                            _llama(False, 30.0, disk=0), _llama(True, 100.0, disk=100e6)])
+    assert [g["met"] for g in _quant_goals(by_goal, spec)] == [False, False, False]
+    assert [g["ratio"] for g in _quant_goals(by_goal, spec)] == pytest.approx([2.0, 3.0, 2.0])
+    # llama.cpp not installed: every quantized goal not measured, none met or missed against a remembered figure.
+    skipped = [dict(_llama(c, None), skipped="llama-cpp-python is not importable") for c in (False, True)]
+    by_goal, spec = _goals([_q4("hybrid", 0.5, 50.0, disk=50e6), dict(q4_dense), *skipped])
+    assert all(g["met"] is None and g["ratio"] is None for g in _quant_goals(by_goal, spec))
+    assert "of llama.cpp in memory in this run" in _quant_goals(by_goal, spec)[1]["detail"]
+    # No configuration fits 50% of the q4 copy: not measured, and the detail says why.
+    too_small = "BudgetTooSmallError: memory budget of 279.5 MB is too small: the minimum is 338.3 MB"
+    by_goal, spec = _goals([dict(_q4("hybrid", 0.5, None), error=too_small), _llama(True, 100.0, disk=100e6)])
+    speed, _, reads = _quant_goals(by_goal, spec)
+    assert speed["met"] is None and reads["met"] is None and too_small in speed["detail"] and too_small in reads["detail"]
+    # Only a q4 row at 65% (or a float16 one at 50%): nothing at 50% of q4 for goals (a) and (c).
+    by_goal, spec = _goals([_q4("hybrid", 0.65, 10.0, disk=1e6), _row("hybrid", 0.5, 10.0),
+                            _llama(True, 100.0, disk=100e6)])
+    speed, _, reads = _quant_goals(by_goal, spec)
+    assert speed["met"] is None and reads["met"] is None and "flashjax q4 best sparse at 50%" in speed["detail"]
+    # A row without the goal's figure (no bytes counted) is not measured either; reading nothing meets it.
+    by_goal, spec = _goals([_q4("hybrid", 0.5, 10.0, disk=0), _llama(True, 100.0, disk=None)])
+    assert _quant_goals(by_goal, spec)[2]["met"] is None
+    by_goal, spec = _goals([_q4("hybrid", 0.5, 10.0, disk=0), _llama(True, 100.0, disk=100e6)])
+    assert _quant_goals(by_goal, spec)[2]["met"] is True and _quant_goals(by_goal, spec)[2]["ratio"] is None
+    # The oracle is never the q4 row of a goal.
+    by_goal, spec = _goals([_q4("oracle", 0.5, 1.0, disk=1, measuring_device=True), _llama(True, 100.0, disk=100e6)])
+    assert all(g["met"] is None for g in _quant_goals(by_goal, spec))
+
+
+def test_quantized_rows_budgets_are_shares_of_the_copy_as_stored(monkeypatch):
+    import flashjax.sparsity
+    from flashjax.bench.compare import build_specs, quant_formats
+
+    monkeypatch.setattr(flashjax.sparsity, "has_predictors", lambda path: False)
+    args = types.SimpleNamespace(new_tokens=4, runs=1, warmup_tokens=1, budgets=["50%", "65%"], quick=False,
+                                 systems=["flashjax"], no_naive=True)
+    info = {"dense_weight_bytes": 1000, "quantized": {
+        "q4": {"flash_dir": "/w/flash-q4", "stored_weight_bytes": 200, "sparse": True, "calibrated": True},
+        "q8": {"flash_dir": "/w/flash-q8", "stored_weight_bytes": 300, "sparse": False, "calibrated": False},
+        "q2": {"flash_dir": "/w/flash-q2", "sparse": True, "error": "ConvertError: rows of 48"}}}
+    specs = [s for s in build_specs(args, "/m.gguf", "/w/flash", [1], info, "/tmp") if s.get("quant")]
+    dense = [s for s in specs if s.get("sparsity") == "dense"]
+    assert [(s["quant"], s["model"], s["model_bytes"]) for s in dense] == [("q4", "/w/flash-q4", 200),
+                                                                          ("q8", "/w/flash-q8", 300)]
+    assert dense[0]["plot_x"] == pytest.approx(0.2) and dense[0]["label"] == "flashjax q4 dense (in memory)"
+    sparse = [s for s in specs if s.get("sparse_candidate")]
+    # q4 only (q8 is not in --quant-sparse), predictor and hybrid apart at each budget, in bytes of the copy.
+    assert [(s["memory_budget_fraction"], s["memory_budget"], [c["sparsity"] for c in s["candidates"]])
+            for s in sparse] == [(0.5, 100, ["predictor"]), (0.5, 100, ["hybrid"]),
+                                 (0.65, 130, ["predictor"]), (0.65, 130, ["hybrid"])]
+    assert all(s["flash_dir"] == "/w/flash-q4" and s["cold"] and s["budget_basis"] == "q4 as stored" for s in sparse)
+    assert all(c["config"].startswith("q4 ") for s in sparse for c in s["candidates"])
+    assert sparse[0]["label"] == "flashjax q4 best sparse @ 50% of q4 as stored"
+    assert sparse[0]["plot_x"] == pytest.approx(0.1)
+    failed = [s for s in specs if s["quant"] == "q2"]
+    assert len(failed) == 1 and "ConvertError" in failed[0]["skip"]
+    # --quant / --quant-sparse
+    assert quant_formats(None, None) == (["q4", "q8"], ["q4"])
+    assert quant_formats(["q8"], None) == (["q8"], [])
+    assert quant_formats(["none"], None) == ([], [])
+    assert quant_formats(["q8", "q4"], ["q4", "q8"]) == (["q4", "q8"], ["q4", "q8"])
+    assert quant_formats(None, ["none"]) == (["q4", "q8"], [])
 
 
 def test_sparse_rows_run_at_the_engines_default_threshold_and_the_oracle_apart(monkeypatch):

@@ -16,7 +16,13 @@ Rows, each system in its own process (flashjax.bench.peers) so peak RSS is its o
 - transformers (PyTorch CPU, float32, everything in memory) on the same GGUF / HF directory;
 - transformers + accelerate disk offload: device_map="auto", max_memory={"cpu": the same budget},
   the rest in an offload folder evicted from the page cache before every token;
-- llama.cpp (llama-cpp-python, optional) on the original GGUF, in memory and cold.
+- llama.cpp (llama-cpp-python, optional) on the original GGUF, in memory and cold;
+- flashjax on quantized copies of the model (`flashjax convert --quant`, made once in the work
+  directory and reused; --quant, default q4 and q8): dense with every weight held quantized in
+  memory (as llama.cpp holds its file), and for the formats of --quant-sparse (default q4) the best
+  sparse configuration at each budget, a share of that copy's weights AS STORED (the paper's
+  definition; the float rows' budgets are shares of the dense float32 model), cold reads. The
+  predictors of a quantized copy are calibrated on it, the same way (unless --no-calibrate).
 
 Also a disk probe (flashjax.bench.disk_probe): the I/O ceiling the run had. Writes
 results.json, results.md and PNG plots (matplotlib) to --out; --json prints the JSON as the last
@@ -58,6 +64,7 @@ from flashjax.bench.common import (
 from flashjax.bench.report import is_measuring_device, row_label
 
 SYSTEMS = ("flashjax", "transformers", "accelerate", "llama.cpp")
+QUANTS = ("q4", "q8")
 
 
 # ---- preparation --------------------------------------------------------------------------------------
@@ -93,6 +100,27 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+def ensure_calibrated(args, flash_dir: str) -> dict:
+    """Calibrates the predictors of the converted model in flash_dir unless it has them (or --no-calibrate);
+    returns the calibration record (calibration_record)."""
+    from flashjax.sparsity import has_predictors
+
+    calibrate_now = bool(args.calibrate) and not has_predictors(flash_dir)
+    if calibrate_now:
+        from flashjax.sparsity import calibrate
+
+        texts = None
+        if args.calibration_text:
+            with open(args.calibration_text, encoding="utf-8") as f:
+                texts = [f.read()]
+        log(f"calibrating the sparsity predictors of {flash_dir} "
+            f"({'on ' + args.calibration_text if texts else 'on text the model writes itself'}; once, reused after)")
+        t0 = time.perf_counter()
+        calibrate(flash_dir, texts=texts, progress=False)
+        log(f"  calibrated in {time.perf_counter() - t0:.0f} s")
+    return calibration_record(args.calibration_text, calibrate_now, has_predictors(flash_dir))
+
+
 def prepare(args, source: str, workdir: str) -> tuple[str, list[int], dict]:
     """Converts (and calibrates) the model into workdir; returns (flash dir, prompt ids, model info)."""
     from flashjax.flash.budget import dense_weight_bytes
@@ -106,24 +134,48 @@ def prepare(args, source: str, workdir: str) -> tuple[str, list[int], dict]:
         if not is_flash_dir(flash_dir):
             log(f"converting {source} to the flash format in {flash_dir} (float16, bundled; once, reused after)")
             convert(source, flash_dir, dtype="float16", progress=False)
-    calibrate_now = bool(args.calibrate) and not has_predictors(flash_dir)
-    if calibrate_now:
-        from flashjax.sparsity import calibrate
-
-        texts = None
-        if args.calibration_text:
-            with open(args.calibration_text, encoding="utf-8") as f:
-                texts = [f.read()]
-        log(f"calibrating the sparsity predictors of {flash_dir} "
-            f"({'on ' + args.calibration_text if texts else 'on text the model writes itself'}; once, reused after)")
-        calibrate(flash_dir, texts=texts, progress=False)
+    calibration = ensure_calibrated(args, flash_dir)
     fm = open_flash_model(flash_dir, verify=False)
     ids, prompt = prompt_for(fm, args.prompt_tokens, args.prompt_text)
     info = {"dense_weight_bytes": dense_weight_bytes(fm.config, "float32"), "calibrated": has_predictors(flash_dir),
             "n_layers": fm.config.n_layers, "d_ffn": fm.config.d_ffn, "d_model": fm.config.d_model,
-            "prompt": prompt, "calibration": calibration_record(args.calibration_text, calibrate_now,
-                                                                has_predictors(flash_dir))}
+            "prompt": prompt, "calibration": calibration}
+    if "flashjax" in args.systems:
+        info["quantized"] = prepare_quantized(args, source, workdir)
     return flash_dir, ids, info
+
+
+def prepare_quantized(args, source: str, workdir: str) -> dict:
+    """The quantized copies (--quant) in workdir/flash-q4, flash-q8: converted once and reused, like the
+    float16 copy; the formats of --quant-sparse calibrated like it (ensure_calibrated). A copy that
+    cannot be made (rows that do not split into blocks of 32, say) is an entry with "error", and its
+    rows say so; the run goes on."""
+    from flashjax.sparsity import has_predictors
+    from flashjax.store import convert, is_flash_dir, open_flash_model
+
+    out = {}
+    for kind in args.quant:
+        q_dir = os.path.join(workdir, f"flash-{kind}")
+        entry = {"flash_dir": q_dir, "sparse": kind in args.quant_sparse}
+        try:
+            if not is_flash_dir(q_dir):
+                log(f"converting {source} to {kind} in {q_dir} (once, reused after)")
+                t0 = time.perf_counter()
+                convert(source, q_dir, quant=kind, progress=False)
+                log(f"  converted in {time.perf_counter() - t0:.0f} s")
+            fm = open_flash_model(q_dir, verify=False)
+            entry.update(stored_weight_bytes=fm.stored_weight_bytes(), dtype=fm.manifest.dtype,
+                         parts={name: fm.manifest.layout.part_kind(name) for name in fm.manifest.layout.names})
+            if entry["sparse"]:
+                entry["calibration"] = ensure_calibrated(args, q_dir)
+            entry["calibrated"] = has_predictors(q_dir)
+        except Exception as e:  # noqa: BLE001 - a copy that cannot be made is said in its rows; the others run
+            import traceback
+            traceback.print_exc(file=sys.stderr)
+            entry["error"] = f"{type(e).__name__}: {e}"
+            log(f"  no {kind} copy: {entry['error']}")
+        out[kind] = entry
+    return out
 
 
 def prompt_for(fm, n_tokens: int, text: str | None) -> tuple[list[int], dict]:
@@ -175,31 +227,37 @@ def disk_info(path: str) -> dict:
 ORACLE_SERIES = "flashjax oracle (cold; a measuring device, not a configuration)"
 
 
-def predictor_config() -> dict:
+def _prefix(quant: str | None) -> str:
+    return f"{quant} " if quant else ""
+
+
+def predictor_config(quant: str | None = None) -> dict:
     """The predictors as users get them: the engine's documented default threshold, read from
-    FlashOptions so the row follows the engine when the default moves."""
+    FlashOptions so the row follows the engine when the default moves. `quant`: the copy's format."""
     from flashjax.flash.runner import FlashOptions
 
     t = FlashOptions.predictor_threshold
-    return {"sparsity": "predictor", "config": f"predictor (threshold {t:g}, the engine's default; lookahead, window 5)",
+    return {"sparsity": "predictor",
+            "config": f"{_prefix(quant)}predictor (threshold {t:g}, the engine's default; lookahead, window 5)",
             "flash_options": {"window": 5, "lookahead": True, "predictor_threshold": t}}
 
 
-def hybrid_config() -> dict:
+def hybrid_config(quant: str | None = None) -> dict:
     """Exact: the neurons that fit stay cached, the rest stream every token."""
-    return {"sparsity": "hybrid", "config": "hybrid (exact: what fits stays cached, the rest streams)",
+    return {"sparsity": "hybrid", "config": f"{_prefix(quant)}hybrid (exact: what fits stays cached, the rest streams)",
             "flash_options": {"window": 1}}
 
 
-def sparse_candidates(calibrated: bool, quick: bool) -> list[list[dict]]:
+def sparse_candidates(calibrated: bool, quick: bool, quant: str | None = None) -> list[list[dict]]:
     """The rows that compete for best sparse at one budget, each a list of configurations tried in
     order until one fits (the predictors' memory counts in the budget). The full run measures the
     predictors and hybrid apart and keeps the faster (pick_best_sparse): with a large budget hybrid
     can beat selecting neurons; --quick runs one row, the predictors if they fit, else hybrid.
     The oracle is never a candidate: it is a measuring device (oracle_config)."""
+    hybrid, predictor = hybrid_config(quant), predictor_config(quant)
     if not calibrated:
-        return [[hybrid_config()]]
-    return [[predictor_config(), hybrid_config()]] if quick else [[predictor_config()], [hybrid_config()]]
+        return [[hybrid]]
+    return [[predictor, hybrid]] if quick else [[predictor], [hybrid]]
 
 
 def oracle_config(calibrated: bool) -> dict:
@@ -240,6 +298,7 @@ def build_specs(args, source: str, flash_dir: str, ids: list[int], info: dict, w
             if not args.quick:
                 specs.append(dict(common, **budget, **oracle_config(has_predictors(flash_dir)), system="flashjax",
                                   series=ORACLE_SERIES, measuring_device=True))
+        specs += quantized_specs(common, budgets, info, args.quick)
     if not peers_ok and set(args.systems) - {"flashjax"}:
         log(f"note: {source} is a flash-format directory; transformers, accelerate and llama.cpp need the original "
             f"model (GGUF or Hugging Face directory): they are skipped")
@@ -262,8 +321,36 @@ def build_specs(args, source: str, flash_dir: str, ids: list[int], info: dict, w
             specs.append(dict(common, system="llama.cpp", config="-", skip="llama.cpp runs GGUF files only",
                               memory_budget_fraction=None))
     for s in specs:
-        s["label"] = f"{s['system']} {s['config']}" + (
-            f" @ {s['memory_budget_fraction']:.0%}" if s.get("memory_budget_fraction") is not None else "")
+        s["label"] = row_label(dict(s, memory_budget=s.get("memory_budget_fraction")))
+    return specs
+
+
+def quantized_specs(common: dict, budgets: list[float], info: dict, quick: bool) -> list[dict]:
+    """flashjax on the quantized copies: dense in memory (every weight held quantized) and, for the
+    formats of --quant-sparse, the best sparse candidates at each budget, a share of the copy's
+    weights as stored (what the engine's "50%" means), given in bytes; cold reads."""
+    specs = []
+    dense_bytes = info["dense_weight_bytes"]
+    for kind, q in (info.get("quantized") or {}).items():
+        if q.get("error"):
+            specs.append(dict(common, system="flashjax", config=f"{kind} (converted copy)", quant=kind,
+                              memory_budget_fraction=None, skip=f"no {kind} copy of the model: {q['error']}"))
+            continue
+        model_bytes = q["stored_weight_bytes"]
+        specs.append(dict(common, system="flashjax", config=f"{kind} dense (in memory)", sparsity="dense",
+                          model=q["flash_dir"], quant=kind, model_bytes=model_bytes,
+                          series=f"flashjax {kind} dense (in memory)", plot_x=model_bytes / dense_bytes,
+                          memory_budget_fraction=None))
+        if not q.get("sparse"):
+            continue
+        for b in budgets:
+            budget_bytes = int(b * model_bytes)
+            budget = {"flash_dir": q["flash_dir"], "memory_budget": budget_bytes, "memory_budget_fraction": b,
+                      "cold": True, "quant": kind, "model_bytes": model_bytes, "budget_basis": f"{kind} as stored",
+                      "plot_x": budget_bytes / dense_bytes}
+            for cands in sparse_candidates(bool(q.get("calibrated")), quick, quant=kind):
+                specs.append(dict(common, **budget, system="flashjax", config=f"{kind} best sparse", candidates=cands,
+                                  series=f"flashjax {kind} best sparse (cold)", sparse_candidate=True))
     return specs
 
 
@@ -384,25 +471,34 @@ def analyse(rows: list[dict], info: dict, probe: dict | None) -> dict:
 
 def pick_best_sparse(rows: list[dict]) -> None:
     """At each budget the fastest measured sparse candidate is the best sparse row; the others stay in
-    the table as a series of their own. Oracle rows are left out and labelled as measuring devices."""
+    the table as a series of their own. Each model copy competes apart (the float16 copy, q4, q8: a
+    budget is a share of a different model). Oracle rows are left out and labelled as measuring devices."""
     by_budget: dict = {}
+    def key(r):
+        return r.get("quant"), r.get("memory_budget")
+
     for r in rows:
         if r.get("sparse_candidate") and _ok(r) and not is_measuring_device(r):
-            by_budget.setdefault(r.get("memory_budget"), []).append(r)
+            by_budget.setdefault(key(r), []).append(r)
     for r in rows:
         if r["system"] == "flashjax" and is_measuring_device(r):
             r["best_sparse"] = False
             r["series"] = ORACLE_SERIES
         elif r.get("sparse_candidate"):
-            group = by_budget.get(r.get("memory_budget"), [])
+            group = by_budget.get(key(r), [])
             r["best_sparse"] = bool(group) and r is min(group, key=lambda x: x["decode_ms_per_token"])
             if not r["best_sparse"] and _ok(r):
-                r["series"] = f"flashjax {r.get('sparsity') or 'other'} (cold, not the best)"
+                r["series"] = f"flashjax {_prefix(r.get('quant'))}{r.get('sparsity') or 'other'} (cold, not the best)"
+
+
+def _theirs_over_ours(ours: float, theirs: float) -> float:
+    return theirs / ours
 
 
 @dataclasses.dataclass(frozen=True)
 class Goal:
-    """A target for flashjax's row against a reference row of the same run; `ratio(ours_ms, theirs_ms)`."""
+    """A target for flashjax's row against a reference row of the same run: `ratio(ours, theirs)` of the
+    rows' `metric` (decode ms per token unless said), met when `met(ratio)`."""
 
     text: str
     ours: str  # what our row is, for "not measured" messages
@@ -410,51 +506,115 @@ class Goal:
     ratio: Callable[[float, float], float]
     met: Callable[[float], bool]
     ratio_text: str  # the ratio's meaning, formatted with the ratio
+    metric: str = "decode_ms_per_token"
+    unit: str = "ms/token"
+    scale: float = 1.0  # the metric's value in `unit`
 
 
 GOALS = (
     Goal("flashjax best sparse at 50% >= 5x faster per token than accelerate disk offload at 50%",
          "flashjax best sparse at 50%", "accelerate disk offload at 50%",
-         lambda ours, theirs: theirs / ours, lambda x: x >= 5, "{:.1f}x faster"),
+         _theirs_over_ours, lambda x: x >= 5, "{:.1f}x faster"),
     Goal("flashjax best sparse at 50% faster per token than llama.cpp with a cold page cache",
          "flashjax best sparse at 50%", "llama.cpp with a cold page cache",
-         lambda ours, theirs: theirs / ours, lambda x: x > 1, "{:.2f}x faster"),
+         _theirs_over_ours, lambda x: x > 1, "{:.2f}x faster"),
     Goal("flashjax best sparse at 80% within 1.5x of its own dense run",
          "flashjax best sparse at 80%", "flashjax dense",
          lambda ours, theirs: ours / theirs, lambda x: x <= 1.5, "{:.2f}x dense's time"),
+    Goal("flashjax q4 best sparse at 50% (of the q4 model as stored) >= 3x faster per token than llama.cpp "
+         "with a cold page cache",
+         "flashjax q4 best sparse at 50%", "llama.cpp with a cold page cache",
+         _theirs_over_ours, lambda x: x >= 3, "{:.2f}x faster"),
+    Goal("flashjax q4 dense in memory within 2x of llama.cpp in memory per token",
+         "flashjax q4 dense (in memory)", "llama.cpp in memory",
+         lambda ours, theirs: ours / theirs, lambda x: x <= 2, "{:.2f}x llama.cpp's time"),
+    Goal("flashjax q4 best sparse at 50% reads >= 3x fewer bytes per token than llama.cpp with a cold page cache",
+         "flashjax q4 best sparse at 50%", "llama.cpp with a cold page cache",
+         _theirs_over_ours, lambda x: x >= 3, "{:.1f}x fewer bytes",
+         metric="disk_bytes_per_token", unit="MB/token", scale=1e-6),
 )
 
 
-def judge(goal: Goal, ours: dict | None, theirs: dict | None) -> dict:
-    """A goal met or missed by two rows measured in this run. When either did not run (or failed) the
-    goal is not measured (met None): a figure remembered from another run or machine is no stand-in."""
+def judge(goal: Goal, ours: dict | None, theirs: dict | None, why: dict | None = None) -> dict:
+    """A goal met or missed by two rows measured in this run. When either did not run (or failed, or has
+    no figure for the goal's metric) the goal is not measured (met None): a figure remembered from
+    another run or machine is no stand-in. `why`: for a missing row, the errors of its rows that failed
+    (a budget too small for any configuration, say), quoted in the detail."""
     missing = [name for name, r in ((goal.ours, ours), (goal.theirs, theirs)) if r is None]
     if missing:
+        reasons = [f"{name}: {'; '.join(why[name])}" for name in missing if (why or {}).get(name)]
         return {"goal": goal.text, "met": None, "ratio": None,
-                "detail": f"no measurement of {' and '.join(missing)} in this run (not run, skipped or failed)"}
-    a, b = ours["decode_ms_per_token"], theirs["decode_ms_per_token"]
-    x = goal.ratio(a, b)
+                "detail": f"no measurement of {' and '.join(missing)} in this run (not run, skipped or failed)"
+                          + (f" [{' | '.join(reasons)}]" if reasons else "")}
+    a, b = ours.get(goal.metric), theirs.get(goal.metric)
+    unmeasured = [name for name, v in ((goal.ours, a), (goal.theirs, b)) if v is None]
+    if unmeasured:
+        return {"goal": goal.text, "met": None, "ratio": None, "rows": [ours.get("label"), theirs.get("label")],
+                "detail": f"no {goal.metric} for {' and '.join(unmeasured)} in this run"}
+    try:
+        x = goal.ratio(a, b)
+    except ZeroDivisionError:
+        x = float("inf")
     note = ours["config"] + ("; " + ", ".join(d["config"] for d in ours["did_not_fit"]) + " did not fit this budget"
                              if ours.get("did_not_fit") else "")
-    return {"goal": goal.text, "met": bool(goal.met(x)), "ratio": x, "rows": [ours.get("label"), theirs.get("label")],
-            "detail": f"{a:.1f} vs {b:.1f} ms/token: {goal.ratio_text.format(x)} [{note}]"}
+    if goal.metric == "disk_bytes_per_token" and ours.get("proc_read_bytes_per_token") is not None:
+        note += f"; flashjax's own count, the kernel's (/proc/self/io) {ours['proc_read_bytes_per_token'] / 1e6:.2f} MB/token"
+    finite = x != float("inf")
+    ratio_s = goal.ratio_text.format(x) if finite else "ours is 0"
+    return {"goal": goal.text, "met": bool(goal.met(x)), "ratio": x if finite else None,
+            "rows": [ours.get("label"), theirs.get("label")],
+            "detail": f"{a * goal.scale:.{2 if goal.scale != 1 else 1}f} vs {b * goal.scale:.{2 if goal.scale != 1 else 1}f} "
+                      f"{goal.unit}: {ratio_s} [{note}]"}
 
 
 def goals(rows: list[dict]) -> list[dict]:
     def find(pred):
         return next((r for r in rows if _ok(r) and pred(r)), None)
 
+    def failures(pred) -> list[str]:
+        """Why rows that would have counted did not: their errors (deduplicated, in order)."""
+        out = []
+        for r in rows:
+            reason = r.get("error") or r.get("skipped")
+            if reason and pred(r) and f"{r.get('config')}: {reason}" not in out:
+                out.append(f"{r.get('config')}: {reason}")
+        return out
+
     def at(r, budget):
         return r.get("memory_budget") is not None and abs(r["memory_budget"] - budget) < 1e-6
 
-    def best(budget):
-        return find(lambda r: r.get("best_sparse") and not is_measuring_device(r) and at(r, budget))
+    def candidate(budget, quant=None):
+        return lambda r: (r["system"] == "flashjax" and not is_measuring_device(r) and at(r, budget)
+                          and r.get("quant") == quant and (r.get("sparse_candidate") or r.get("best_sparse")))
 
-    dense = find(lambda r: r["system"] == "flashjax" and r.get("config") == "dense")
-    acc50 = find(lambda r: r["system"] == "accelerate" and at(r, 0.5))
-    llama_cold = find(lambda r: r["system"] == "llama.cpp" and r.get("cold_page_cache"))
-    pairs = ((best(0.5), acc50), (best(0.5), llama_cold), (best(0.8), dense))
-    return [judge(goal, ours, theirs) for goal, (ours, theirs) in zip(GOALS, pairs)]
+    def best(budget, quant=None):
+        is_candidate = candidate(budget, quant)
+        return find(lambda r: r.get("best_sparse") and is_candidate(r))
+
+    def is_dense(r):
+        return r["system"] == "flashjax" and r.get("config") == "dense" and not r.get("quant")
+
+    def is_acc50(r):
+        return r["system"] == "accelerate" and at(r, 0.5)
+
+    def is_llama(cold):
+        return lambda r: r["system"] == "llama.cpp" and bool(r.get("cold_page_cache") or "cold" in (r.get("config") or "")) == cold
+
+    def is_q4_dense(r):
+        return r["system"] == "flashjax" and r.get("quant") == "q4" and r.get("memory_budget") is None
+
+    preds = {"best50": candidate(0.5), "best80": candidate(0.8), "q4best50": candidate(0.5, "q4"), "dense": is_dense,
+             "acc50": is_acc50, "llama_cold": is_llama(True), "llama_mem": is_llama(False), "q4_dense": is_q4_dense}
+    found = {"best50": best(0.5), "best80": best(0.8), "q4best50": best(0.5, "q4"), "dense": find(is_dense),
+             "acc50": find(is_acc50), "llama_cold": find(is_llama(True)), "llama_mem": find(is_llama(False)),
+             "q4_dense": find(is_q4_dense)}
+    pairs = (("best50", "acc50"), ("best50", "llama_cold"), ("best80", "dense"),
+             ("q4best50", "llama_cold"), ("q4_dense", "llama_mem"), ("q4best50", "llama_cold"))
+    out = []
+    for goal, (a, b) in zip(GOALS, pairs):
+        why = {goal.ours: failures(preds[a]), goal.theirs: failures(preds[b])}
+        out.append(judge(goal, found[a], found[b], why))
+    return out
 
 
 # ---- main -----------------------------------------------------------------------------------------------
@@ -473,6 +633,12 @@ def build_parser(prog: str = "flashjax bench") -> argparse.ArgumentParser:
                    help="converted model, predictors and offload folders (default: ~/.cache/flashjax/bench/...)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=None,
                    help="do not calibrate the converted model (best sparse is then hybrid unless already calibrated)")
+    p.add_argument("--quant", nargs="+", default=None, choices=QUANTS + ("none",), metavar="FORMAT",
+                   help="quantized copies of the model to run flashjax on, dense in memory (q4, q8; default both; "
+                        "none: no quantized rows); converted once into the work directory")
+    p.add_argument("--quant-sparse", nargs="+", default=None, choices=QUANTS + ("none",), metavar="FORMAT",
+                   help="of those, the formats also run under each budget (hybrid and predictor, cold reads; "
+                        "default q4); their predictors are calibrated on the copy unless --no-calibrate")
     p.add_argument("--no-naive", action="store_true", help="skip the naive row")
     p.add_argument("--no-disk-probe", action="store_true")
     p.add_argument("--probe-mib", type=int, default=None, help="disk probe file size (default 1024; --quick: 256)")
@@ -489,6 +655,14 @@ def build_parser(prog: str = "flashjax bench") -> argparse.ArgumentParser:
                    help="directory for results.json, results.md and the PNG plots (the plots need matplotlib)")
     p.add_argument("--json", action="store_true", help="print the JSON as the last line of stdout")
     return p
+
+
+def quant_formats(quant: list[str] | None, quant_sparse: list[str] | None) -> tuple[list[str], list[str]]:
+    """(--quant, --quant-sparse) as lists of formats: by default q4 and q8, and q4 under the budgets;
+    "none" alone: none; a format under the budgets only if it is converted (in --quant)."""
+    formats = [k for k in QUANTS if k in (QUANTS if quant is None else quant)]
+    sparse = [k for k in QUANTS if k in (("q4",) if quant_sparse is None else quant_sparse) and k in formats]
+    return formats, sparse
 
 
 def main(argv=None, prog: str = "flashjax bench") -> int:
@@ -513,6 +687,7 @@ def main(argv=None, prog: str = "flashjax bench") -> int:
     args.probe_mib = args.probe_mib or (256 if q else 1024)
     if args.calibrate is None:
         args.calibrate = not q  # --quick uses predictors only if the model already has them
+    args.quant, args.quant_sparse = quant_formats(args.quant, args.quant_sparse)
     t_start = time.perf_counter()
     load_start = os.getloadavg()
 
@@ -533,7 +708,7 @@ def main(argv=None, prog: str = "flashjax bench") -> int:
     for i, spec in enumerate(specs, 1):
         log(f"[{i}/{len(specs)}] {spec['label']} ({time.perf_counter() - t_start:.0f} s elapsed)")
         row = run_row(spec, args.row_timeout, args.in_process)
-        for k in ("series", "plot_x", "sparse_candidate", "measuring_device"):
+        for k in ("series", "plot_x", "sparse_candidate", "measuring_device", "quant", "budget_basis", "model_bytes"):
             if k in spec:
                 row.setdefault(k, spec[k])
         row.setdefault("memory_budget", spec.get("memory_budget_fraction"))
@@ -579,6 +754,17 @@ def main(argv=None, prog: str = "flashjax bench") -> int:
                      "of the model outside the budget to find the active neurons (their peak RSS includes it) and "
                      "show what a perfect predictor could do. They are never the best sparse row and never count "
                      "for a goal.")
+    quantized = info.get("quantized") or {}
+    if quantized:
+        sizes = ", ".join(f"{k} {q['stored_weight_bytes'] / 1e6:.0f} MB" for k, q in quantized.items()
+                          if q.get("stored_weight_bytes"))
+        notes.append(
+            "flashjax q4/q8 rows run on copies written by `flashjax convert --quant` (blocks of 32 values with "
+            "float16 scales; q4 adds a float16 offset per block; from a GGUF, matching blocks are copied code for "
+            "code and a q4 copy keeps the down projection at q8): dense holds every weight quantized in memory; "
+            "their budgets are shares of that copy's weights as stored (" + (sizes or "-") + "), the paper's "
+            "definition, not of the float32 model; the float rows' budgets are shares of the dense float32 model. "
+            "Their plot position is the budget in bytes as a share of the float32 model.")
     notes.append(f"every system got the same prompt token ids: {info['prompt']['source']}.")
     result = {"benchmark": "compare", "model": name, "model_path": source, "flash_dir": flash_dir,
               "machine": m, "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
@@ -586,9 +772,11 @@ def main(argv=None, prog: str = "flashjax bench") -> int:
                                          "budgets": [parse_fraction(b) for b in args.budgets], "quick": q,
                                          "in_process": args.in_process,
                                          "prompt_text": info["prompt"]["path"],
-                                         "calibration_text": args.calibration_text},
+                                         "calibration_text": args.calibration_text,
+                                         "quant": args.quant, "quant_sparse": args.quant_sparse},
               "prompt": info["prompt"], "calibration": info["calibration"],
               "dense_weight_bytes": info["dense_weight_bytes"], "calibrated": info["calibrated"],
+              "quantized": quantized,
               "rows": rows, "disk_probe": probe, "goals": goals(rows), "notes": notes,
               "command": " ".join([prog] + [shlex.quote(a) for a in argv]),
               "wall_s": time.perf_counter() - t_start}

@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 
 from flashjax.bench.common import log, summary
 
@@ -130,6 +131,23 @@ def page_out(paths) -> dict:
         finally:
             os.close(fd)
     return {"files": len(files), "mappings": len(ranges), "mapped_bytes": mapped}
+
+
+def mapped_resident_bytes(paths) -> int:
+    """Bytes of the given files (directories: every file under them) this process has mapped and in
+    memory now: the Rss of its mappings of them (/proc/self/smaps)."""
+    starts = {s for s, _, _, _ in mapped_ranges(paths)}
+    if not starts:
+        return 0
+    total, current = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                current = int(head.split("-")[0], 16) in starts
+            elif current and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 def read_bytes() -> int:
@@ -368,7 +386,31 @@ def llama_cpp_available() -> str | None:
     return None
 
 
+def _no_repack(llama_cpp_module) -> Callable[[], None]:
+    """Makes the next Llama(...) keep every weight in its file mapping: llama.cpp's CPU "extra buffer
+    types" (use_extra_bufts, on by default) repack some block types (Q4_0, Q4_K, IQ4_NL, ... on AVX2)
+    into anonymous memory at load, which no page-cache eviction touches, so a cold row would not be
+    cold. Returns the function that undoes it."""
+    low = llama_cpp_module.llama_cpp
+    orig = low.llama_model_default_params
+
+    def params():
+        p = orig()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    return lambda: setattr(low, "llama_model_default_params", orig)
+
+
 def run_llama_cpp(spec: dict) -> dict:
+    """llama.cpp through llama-cpp-python, greedy, one `eval` per token, mmap. In memory: as users run
+    it (llama.cpp's defaults, repacking included). Cold (`"cold": true`): the GGUF leaves the page cache
+    before every token (page_out, outside the timings), with repacking off so every weight is read
+    through the mapping (_no_repack). Weights in memory: in memory, the file (it is all mapped and
+    used); cold, the most of the file's mapping found resident at a token's end, before the eviction."""
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
@@ -377,16 +419,23 @@ def run_llama_cpp(spec: dict) -> dict:
         raise ValueError("llama.cpp runs GGUF files only")
     threads = spec.get("threads") or os.cpu_count()
     ctx = len(spec["prompt_ids"]) + spec["new_tokens"] + 8
-    log(f"  [{spec['label']}] loading {path} into llama.cpp ({threads} threads, mmap)")
-    llm = Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                use_mmap=True, logits_all=False, verbose=False)
-    evict = (lambda: page_out([path])) if spec.get("cold") else None
+    cold = bool(spec.get("cold"))
+    log(f"  [{spec['label']}] loading {path} into llama.cpp ({threads} threads, mmap"
+        f"{', repacking off' if cold else ''})")
+    undo = _no_repack(llama_cpp) if cold else None
+    try:
+        llm = Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                    use_mmap=True, logits_all=False, verbose=False)
+    finally:
+        if undo:
+            undo()
+    evict = (lambda: page_out([path])) if cold else None
     n_vocab = llm.n_vocab()
+    resident = []  # the file's mapped bytes in memory at each token's end (cold rows)
 
     def next_token() -> int:
         # Recent llama-cpp-python keeps no scores unless logits_all: read the context's logits
         # (only the batch's last token has them) and take the argmax: greedy.
-        import llama_cpp
         ptr = llama_cpp.llama_get_logits(llm.ctx)
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
 
@@ -403,6 +452,7 @@ def run_llama_cpp(spec: dict) -> dict:
         tokens, step_s, step_disk = [token], 0.0, 0
         for _ in range(n_new - 1):
             if evict:
+                resident.append(mapped_resident_bytes([path]))
                 evict()
             b0 = read_bytes()
             t0 = time.perf_counter()
@@ -417,8 +467,11 @@ def run_llama_cpp(spec: dict) -> dict:
     measure = Measure(spec)
     _measured_runs(spec, greedy, measure)
     size = os.path.getsize(path)
-    import llama_cpp
-    return measure.row(weights_bytes=None if spec.get("cold") else size, weights_total_bytes=size,
+    in_memory = mapped_resident_bytes([path])
+    return measure.row(weights_bytes=max(resident) if cold and resident else size, weights_total_bytes=size,
+                       weights_bytes_measure=("the most of the GGUF's mapping resident at a token's end, before "
+                                              "eviction" if cold else "the GGUF file (mapped)"),
+                       mapped_resident_bytes_at_end=in_memory, repack=not cold,
                        llama_cpp_version=getattr(llama_cpp, "__version__", None), threads=threads)
 
 
@@ -488,7 +541,8 @@ def run_flashjax(spec: dict) -> dict:
     _measured_runs(spec, greedy, measure)
     measured = runs_stats[1:]  # run 0 is the warm-up
     med = lambda key: summary([s.get(key) for s in measured])["median"]
-    fields = {"sparsity": sparsity, "weights_total_bytes": dense_bytes,
+    # The model's weights: the dense float32 model, or a quantized copy as stored (what its budget is a share of).
+    fields = {"sparsity": sparsity, "weights_total_bytes": spec.get("model_bytes") or dense_bytes,
               "proc_read_bytes_per_token": summary(proc_disk[1:])["median"]}
     if flash_dir is None:
         fields.update(weights_bytes=llm.weight_bytes, io_ms=0.0, memory_management_ms=0.0, compute_ms=med("decode_ms_per_token"))

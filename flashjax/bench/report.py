@@ -28,9 +28,17 @@ def _f(x, fmt="{:.1f}", none="-"):
     return none if x is None else fmt.format(x)
 
 
-def row_label(r: dict) -> str:
+def budget_text(r: dict) -> str | None:
+    """A row's budget: a share of the dense float32 model, or, for a quantized copy, "of q4 as stored"."""
     budget = r.get("memory_budget")
-    return f"{r['system']} {r.get('config') or ''}".strip() + (f" @ {budget:.0%}" if budget is not None else "")
+    if budget is None:
+        return None
+    return f"{budget:.0%}" + (f" of {r['budget_basis']}" if r.get("budget_basis") else "")
+
+
+def row_label(r: dict) -> str:
+    budget = budget_text(r)
+    return f"{r['system']} {r.get('config') or ''}".strip() + (f" @ {budget}" if budget is not None else "")
 
 
 def is_measuring_device(r: dict) -> bool:
@@ -63,7 +71,7 @@ def results_table(result: dict) -> str:
              "| CPU used by other work |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        budget = "-" if r.get("memory_budget") is None else f"{r['memory_budget']:.0%}"
+        budget = budget_text(r) or "-"
         status = _status(r)
         if status:
             lines.append(f"| {r['system']} | {config_cell(r)} | {budget} | {status} ||||||||")
@@ -147,6 +155,13 @@ def calibration_line(calibration: dict | None) -> str | None:
     return line + "."
 
 
+def quantized_basis(result: dict) -> str:
+    """The quantized copies' sizes as stored, which their rows' budgets are shares of."""
+    sizes = [f"{k} {q['stored_weight_bytes'] / MB:.0f} MB" for k, q in (result.get("quantized") or {}).items()
+             if q.get("stored_weight_bytes")]
+    return f"; the quantized copies' rows, of that copy's weights as stored ({', '.join(sizes)})" if sizes else ""
+
+
 def markdown(result: dict, plots: dict | None = None) -> str:
     m = result.get("machine", {})
     s = result.get("settings", {})
@@ -158,7 +173,8 @@ def markdown(result: dict, plots: dict | None = None) -> str:
              f"{_f((m.get('loadavg_end') or [None])[0], '{:.1f}')} at the end.", "",
              f"Prompt {s.get('prompt_tokens')} tokens, {s.get('new_tokens')} generated greedily, batch 1; "
              f"warm-up then {s.get('runs')} measured run(s) per system; each system in its own process. "
-             f"Budgets are shares of the dense float32 model's weights ({(result.get('dense_weight_bytes') or 0) / MB:.0f} MB). "
+             f"Budgets are shares of the dense float32 model's weights ({(result.get('dense_weight_bytes') or 0) / MB:.0f} MB)"
+             + quantized_basis(result) + ". "
              f"Cold rows evict the weights' files from the page cache before every token (outside the timings).", ""]
     for line in (prompt_line(result.get("prompt")), calibration_line(result.get("calibration"))):
         if line:
@@ -227,7 +243,8 @@ def plot_latency_vs_memory(result: dict, path: str) -> str:
     lines_drawn = 0
     for name, rows in series.items():
         system = rows[0]["system"]
-        xs = [r.get("memory_budget") if r.get("memory_budget") is not None else r.get("plot_x") for r in rows]
+        # plot_x first: a quantized copy's budget is a share of that copy, drawn as a share of the float32 model.
+        xs = [r.get("plot_x") if r.get("plot_x") is not None else r.get("memory_budget") for r in rows]
         if all(x is None for x in xs):
             # No budget of its own (llama.cpp): a horizontal reference line per row.
             for r in rows:
@@ -260,7 +277,7 @@ def plot_breakdown(result: dict, path: str) -> str:
     plt = _plt()
     rows = [r for r in result["rows"] if r["system"] == "flashjax" and not _status(r) and r.get("io_ms") is not None]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows) + 2), 5))
-    labels = [(r.get("sparsity") or r.get("config") or "") +
+    labels = [(f"{r['quant']} " if r.get("quant") else "") + (r.get("sparsity") or r.get("config") or "") +
               ("" if r.get("memory_budget") is None else f"\n@ {r['memory_budget']:.0%}") for r in rows]
     x = range(len(rows))
     bottom = [0.0] * len(rows)
