@@ -7,6 +7,7 @@ One server serves the whole module (loading and compiling once); its answers are
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -22,6 +23,7 @@ import time
 import psutil
 import pytest
 
+import flashjax
 from _ci import skip_or_fail
 
 pytestmark = pytest.mark.slow
@@ -113,12 +115,13 @@ def _server_env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def server(default_gguf, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "flashjax", "serve", "--model", str(default_gguf), "--port", "0",
+@contextlib.contextmanager
+def _running_server(model, log_dir, *options):
+    """`flashjax serve --model model` on a free port with the tests' settings, ready (health 200)."""
+    log_path = log_dir / "server.log"
+    cmd = [sys.executable, "-m", "flashjax", "serve", "--model", str(model), "--port", "0",
            "--api-key", KEY, "--queue-limit", "16", "--default-max-tokens", "64",
-           "--max-body-bytes", str(BODY_LIMIT), "--shutdown-timeout", "5"]
+           "--max-body-bytes", str(BODY_LIMIT), "--shutdown-timeout", "5", *options]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=_server_env())
@@ -152,6 +155,12 @@ def server(default_gguf, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(default_gguf, tmp_path_factory):
+    with _running_server(default_gguf, tmp_path_factory.mktemp("serve")) as running:
+        yield running
 
 
 # ---- endpoints ------------------------------------------------------------------------------------
@@ -440,6 +449,31 @@ def test_metrics_in_prometheus_text_format(server):
     assert value("flashjax_time_per_output_token_seconds", "_count") > 0
     assert value("flashjax_bytes_read") == 0  # the dense engine reads nothing from disk
     assert value("flashjax_queue_length", "") == 0 and "flashjax_cache_hit_rate" in families
+
+
+def test_the_flash_engine_serves_a_quantized_model_under_a_budget(default_gguf, tmp_path_factory):
+    """A q4 conversion of the default model served by the flash engine under a budget that streams:
+    the reply equals the same engine's `LLM.chat`, the response's flashjax figures and /metrics say
+    what was read from disk, and /v1/models gives the memory plan."""
+    from flashjax.store import convert
+
+    root = tmp_path_factory.mktemp("serve-flash")
+    model = root / "smollm2-q4"
+    convert(str(default_gguf), str(model), quant="q4", progress=False)
+    options = ("--sparsity", "hybrid", "--memory-budget", "75%")
+    messages = [{"role": "user", "content": "Name a colour."}]
+    with flashjax.load(str(model), sparsity="hybrid", memory_budget="75%") as llm:
+        want = llm.chat(messages, max_tokens=12)
+    with _running_server(model, root, *options) as flash_server:
+        body = flash_server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 12, "temperature": 0})
+        assert body["choices"][0]["message"]["content"] == want.text
+        assert body["flashjax"]["bytes_read_per_token"] > 0
+        status, _, raw = flash_server.request("GET", "/v1/models")
+        plan = json.loads(raw)["data"][0]["memory_plan"]
+        assert status == 200 and "budget" in json.dumps(plan)
+        status, _, raw = flash_server.request("GET", "/metrics")
+        read = [line for line in raw.decode().splitlines() if line.startswith("flashjax_bytes_read_total")]
+        assert read and float(read[0].split()[-1]) > 0
 
 
 # ---- the chat page --------------------------------------------------------------------------------
