@@ -153,7 +153,8 @@ def tiny_llama64(tmp_path_factory):
 @pytest.fixture(scope="module", params=KINDS)
 def quantized_tiny(request, tiny_llama64):
     out = tiny_llama64 / f"flash-{request.param}"
-    convert(str(tiny_llama64 / "hf"), str(out), quant=request.param, progress=False)
+    if not out.exists():  # pytest may set a parametrized module fixture up again when tests interleave
+        convert(str(tiny_llama64 / "hf"), str(out), quant=request.param, progress=False)
     return request.param, str(out)
 
 

@@ -46,17 +46,16 @@ def weight_matmul(x, w, w_rows_are_outputs: bool = True):
     not fuse into a library dot), unless it is smaller than a block.
     """
     dtype = x.dtype
+    one_block = w.shape[0] * w.shape[1] * jnp.dtype(dtype).itemsize <= BLOCK_BYTES  # converted whole, it stays in cache
     if isinstance(w, QuantizedMatrix):
-        if w.shape[0] * w.shape[1] * jnp.dtype(dtype).itemsize <= BLOCK_BYTES:
-            return _quantized_product(x, w, w_rows_are_outputs)
-        return _blockwise(x, w, w_rows_are_outputs)
+        return _block_product(x, w, w_rows_are_outputs) if one_block else _blockwise(x, w, w_rows_are_outputs)
     if w.dtype == dtype or jax.default_backend() != "cpu":
         return _plain(x, w.astype(dtype), w_rows_are_outputs)
     one_token = x.size == x.shape[-1]
     if w.dtype == jnp.bfloat16 and one_token:
         return _product_and_sum(x, w, w_rows_are_outputs)
-    if w.shape[0] * w.shape[1] * jnp.dtype(dtype).itemsize <= BLOCK_BYTES:
-        return _plain(x, w.astype(dtype), w_rows_are_outputs)
+    if one_block:
+        return _block_product(x, w, w_rows_are_outputs)
     if one_token or w_rows_are_outputs:
         return _blockwise(x, w, w_rows_are_outputs)
     # Several tokens with the rows contracted (a prefill's down projection): the blocks' partial

@@ -121,19 +121,14 @@ def load_gate_weights(model_dir, dtype=jnp.float32) -> tuple[list, list | None]:
     if not model.config.is_glu:
         raise ValueError(f"{model_dir}: the gate path needs a SwiGLU model; "
                          f"this one uses {model.config.ffn_activation}")
-    from flashjax.quant import QuantizedMatrix, QuantizedRows
-    from flashjax.store.manifest import decode_part
+    from flashjax.store.model import part_weights
 
     store, layout = model.ffn_store(), model.manifest.layout
     w, b = [], []
     for layer in range(model.config.n_layers):
         records = store.read_layer(layer)
-        raw, kind = records[:, layout.part_slice("gate")], layout.part_kind("gate")
-        if kind in ("q8", "q4"):  # kept quantized: a float copy would cost the memory quantizing saved
-            w.append(QuantizedMatrix.from_rows(QuantizedRows.from_bytes(kind, raw, layout.part_values("gate"))))
-        else:
-            w.append(jnp.asarray(raw, dtype))
+        # A quantized model's gate rows stay quantized: a float copy would cost what quantizing saved.
+        w.append(part_weights(layout, "gate", records[:, layout.part_slice("gate")], dtype))
         if "b_gate" in layout.names:
-            b.append(jnp.asarray(decode_part(layout, "b_gate", records[:, layout.part_slice("b_gate")])[:, 0],
-                                 jnp.float32))
+            b.append(part_weights(layout, "b_gate", records[:, layout.part_slice("b_gate")]))
     return w, (b or None)

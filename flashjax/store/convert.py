@@ -166,8 +166,10 @@ class FlashWriter:
         else:
             piece = array[:, None] if not isinstance(array, QuantizedRows) and array.ndim == 1 else array
         encoded = encode_part(self.layout, part, piece, storage_dtype(self.dtype))
-        if self.layout.part_kind(part) in ("q8", "q4"):
-            self._record_error(path, array, piece, encoded, part)
+        kind = self.layout.part_kind(part)
+        if kind in ("q8", "q4"):
+            stored = QuantizedRows.from_bytes(kind, encoded, self.layout.part_values(part))
+            self._note_error(path, array, piece, stored, kept=isinstance(piece, QuantizedRows) and piece.kind == kind)
         np.ascontiguousarray(encoded).tofile(self._staged(layer, part))
         done = self.pending.setdefault(layer, set())
         done.add(part)
@@ -181,8 +183,9 @@ class FlashWriter:
         shape = tuple(array.shape)
         fmt = self.formats[path] = resident_format(path, shape, self.dtype)
         if fmt in ("q8", "q4"):
-            rows = array if isinstance(array, QuantizedRows) and array.kind == fmt else quantize(_floats(array), fmt)
-            self._note_error(path, array, rows)
+            kept = isinstance(array, QuantizedRows) and array.kind == fmt
+            rows = array if kept else quantize(_floats(array), fmt)
+            self._note_error(path, array, array, rows, kept)
             staged = {}
             for key, part in quantized_tree(rows).items():
                 staged[key] = (os.path.join(self.staging, f"resident_{path}.{key}.bin"), part.dtype, part.shape)
@@ -193,23 +196,14 @@ class FlashWriter:
         np.ascontiguousarray(_floats(array), dtype=np.dtype(fmt)).tofile(staged)
         self.resident[path] = (staged, np.dtype(fmt), shape)
 
-    def _note_error(self, path: str, source, rows: QuantizedRows) -> None:
-        """Records how far the stored values are from the source's (a GGUF's own dequantized values)."""
-        if isinstance(source, QuantizedRows) and source is rows:
-            self.errors[path] = (source.origin or source.kind, rows.kind, source.origin_error)
-            return
-        origin = source.origin or source.kind if isinstance(source, QuantizedRows) else "float"
-        self.errors[path] = (origin, rows.kind, relative_rms_error(rows.dequantize(), _floats(source)))
-
-    def _record_error(self, path: str, source, piece, encoded: np.ndarray, part: str) -> None:
-        kind = self.layout.part_kind(part)
-        stored = QuantizedRows.from_bytes(kind, encoded, self.layout.part_values(part))
-        if isinstance(piece, QuantizedRows) and piece.kind == kind:  # kept code for code
-            self.errors[path] = (piece.origin or kind, kind, piece.origin_error)
-            return
-        reference = _floats(piece)
-        origin = source.origin or source.kind if isinstance(source, QuantizedRows) else "float"
-        self.errors[path] = (origin, kind, relative_rms_error(stored.dequantize(), reference))
+    def _note_error(self, path: str, source, compared, stored: QuantizedRows, kept: bool) -> None:
+        """Records how far the stored values are from the source's (a GGUF's own dequantized values).
+        `source` is the tensor as it arrived (it names its origin), `compared` the same values laid out
+        as stored (the down projection is transposed); `kept`: copied code for code, whose error the
+        reader measured already."""
+        origin = (source.origin or source.kind) if isinstance(source, QuantizedRows) else "float"
+        error = source.origin_error if kept else relative_rms_error(stored.dequantize(), _floats(compared))
+        self.errors[path] = (origin, stored.kind, error)
 
     def add_records(self, layer: int, records: np.ndarray) -> None:
         """Adds a whole layer's records [d_ffn, record_width] (see Layout for the column order)."""

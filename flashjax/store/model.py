@@ -22,6 +22,23 @@ from flashjax.store.resident import (load_resident, load_resident_numpy, manifes
 from flashjax.weights.source import BUILTIN_MODELS, ModelSource, open_checkpoint
 
 
+def part_weights(layout, name: str, raw: np.ndarray, dtype=None):
+    """One part of a layer's records [N, width], as the engine holds it in memory: a quantized part
+    as a QuantizedMatrix (never a float copy), a bias as float32 [N], a float part as stored (or
+    converted to `dtype`)."""
+    import jax.numpy as jnp
+
+    from flashjax.quant import QuantizedMatrix, QuantizedRows
+    from flashjax.store.manifest import decode_part
+
+    kind = layout.part_kind(name)
+    if kind in ("q8", "q4"):
+        return QuantizedMatrix.from_rows(QuantizedRows.from_bytes(kind, raw, layout.part_values(name)))
+    if name.startswith("b_"):
+        return jnp.asarray(decode_part(layout, name, raw)[:, 0], jnp.float32)
+    return jnp.asarray(raw, dtype)
+
+
 def _tokenizer_factory(model_dir: str):
     def tokenizer():
         from flashjax.tokenizer import Tokenizer
@@ -69,22 +86,14 @@ class FlashModel:
         """Every weight in memory as stored, for the dense engine on a quantized model: the resident
         tree, and each layer's FFN from its records as quantized matrices {"w_up", "w_gate",
         "down_rows" (neuron-major, as the records hold it), "b_up", "b_gate", "b_down"}."""
-        import jax.numpy as jnp
-
-        from flashjax.quant import QuantizedMatrix, QuantizedRows
-
         params = self.load_resident("stored")
         layout, store = self.manifest.layout, self.ffn_store()
         for layer in range(self.config.n_layers):
             records = store.read_layer(layer)
             ffn = params["layers"][layer]["ffn"]
             for name in layout.names:
-                raw, kind = records[:, layout.part_slice(name)], layout.part_kind(name)
-                if kind == "float32":
-                    ffn[name] = jnp.asarray(np.ascontiguousarray(raw).view("<f4")[:, 0].astype(np.float32))
-                else:
-                    rows = QuantizedMatrix.from_rows(QuantizedRows.from_bytes(kind, raw, layout.part_values(name)))
-                    ffn["down_rows" if name == "down" else "w_" + name] = rows
+                held = part_weights(layout, name, records[:, layout.part_slice(name)])
+                ffn[name if name.startswith("b_") else "down_rows" if name == "down" else "w_" + name] = held
         return params
 
 
