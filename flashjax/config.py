@@ -11,8 +11,17 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "opt")
-SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "opt")
+SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "longrope")
+# Hugging Face model_type -> flashjax architecture (Gemma 3's text-only checkpoints say "gemma3_text").
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                  "gemma3_text": "gemma3", "phi3": "phi3", "opt": "opt"}
+# FFN activations: the gated ones multiply act(gate) by up (SwiGLU, GeGLU); "relu" is OPT's ungated FFN.
+GATED_ACTIVATIONS = ("silu_glu", "gelu_tanh_glu", "gelu_glu")
+FFN_ACTIVATIONS = GATED_ACTIVATIONS + ("relu",)
+# Hugging Face hidden_act -> flashjax gated activation.
+_HF_GATED_ACTIVATIONS = {"silu": "silu_glu", "swish": "silu_glu", "gelu_pytorch_tanh": "gelu_tanh_glu",
+                         "gelu_new": "gelu_tanh_glu", "gelu": "gelu_glu"}
 
 
 class UnsupportedModelError(ValueError):
@@ -24,8 +33,14 @@ class ModelConfig:
     """Architecture of a decoder-only transformer.
 
     Two families are covered by the same fields: the Llama family (RMSNorm,
-    RoPE, grouped-query attention, SwiGLU FFN) and OPT (LayerNorm, learned
-    positions, biases everywhere, ReLU FFN).
+    RoPE, grouped-query attention, gated FFN) and OPT (LayerNorm, learned
+    positions, biases everywhere, ReLU FFN). Qwen3, Gemma 3 and Phi-3 are the
+    Llama family with the options below switched on (query/key norms, norms
+    after attention and FFN, scaled embeddings, soft-capping, sliding and global
+    layers, partial rotary, LongRoPE, final logit soft-capping).
+
+    Gemma's RMSNorm multiplies by (1 + weight): flashjax holds the multiplier itself (as llama.cpp's
+    GGUF files store it), adding 1 when it reads a Hugging Face checkpoint (weights/mapping.py).
     """
 
     architecture: str  # one of SUPPORTED_ARCHITECTURES
@@ -39,7 +54,7 @@ class ModelConfig:
     max_position: int
     norm: str = "rms"  # "rms" | "layer"
     norm_eps: float = 1e-5
-    ffn_activation: str = "silu_glu"  # "silu_glu" (gate, up, down) | "relu" (up, down)
+    ffn_activation: str = "silu_glu"  # one of FFN_ACTIVATIONS: gated (gate, up, down) or "relu" (up, down)
     qkv_bias: bool = False
     o_bias: bool = False
     ffn_bias: bool = False
@@ -51,6 +66,17 @@ class ModelConfig:
     # OPT's learned position table starts at index 2 (a fairseq legacy).
     position_offset: int = 0
     sliding_window: int | None = None
+    # Per layer "sliding" or "full" (Gemma 3: local layers with `sliding_window` and `local_rope_theta`,
+    # global layers with `rope_theta` and `rope_scaling`); () when every layer is alike.
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None
+    # Rotary dimensions per head (Phi-3's partial rotary); None: the whole head.
+    rotary_dim: int | None = None
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3)
+    sandwich_norm: bool = False  # norms after attention and after the FFN too (Gemma 3)
+    embed_scale: float | None = None  # token embeddings multiplied by this (Gemma: sqrt(d_model))
+    attn_scale: float | None = None  # attention scores' scale; None: head_dim ** -0.5
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -61,10 +87,34 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise UnsupportedModelError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.ffn_activation not in FFN_ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"unsupported FFN activation {self.ffn_activation!r}; supported: {', '.join(FFN_ACTIVATIONS)}")
+        if self.layer_types and (len(self.layer_types) != self.n_layers
+                                 or set(self.layer_types) - {"sliding", "full"}):
+            raise UnsupportedModelError(f"layer_types must give 'sliding' or 'full' for each of the {self.n_layers} "
+                                        f"layers, got {self.layer_types}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise UnsupportedModelError(f"rotary_dim {self.rotary_dim} must be even and within the head ({self.head_dim})")
 
     @property
     def is_glu(self) -> bool:
-        return self.ffn_activation == "silu_glu"
+        return self.ffn_activation in GATED_ACTIVATIONS
+
+    @property
+    def rotary_width(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    def layer_config(self, i: int) -> "ModelConfig":
+        """The config layer i's attention runs with: a sliding layer's window and RoPE base, or a
+        global layer's. The same object for models whose layers are alike, so a jitted step compiles
+        once per kind of layer, not once per layer."""
+        if not self.layer_types:
+            return self
+        if self.layer_types[i] == "sliding":
+            return dataclasses.replace(self, layer_types=(), rope_scaling=None,
+                                       rope_theta=self.local_rope_theta or self.rope_theta)
+        return dataclasses.replace(self, layer_types=(), sliding_window=None)
 
     @property
     def uses_rope(self) -> bool:
@@ -83,7 +133,9 @@ class ModelConfig:
         if self.o_bias:
             attn += d
         ffn = d * f * (3 if self.is_glu else 2) + ((f + d) if self.ffn_bias else 0)
-        norms = 2 * d * (2 if self.norm == "layer" else 1)
+        norms = (4 if self.sandwich_norm else 2) * d * (2 if self.norm == "layer" else 1)
+        if self.qk_norm:
+            norms += 2 * hd
         per_layer = attn + ffn + norms
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         if not self.uses_rope:
@@ -97,16 +149,17 @@ class ModelConfig:
     def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
         """Builds a config from a Hugging Face `config.json` dictionary."""
         model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_ARCHITECTURES:
+        if model_type not in HF_MODEL_TYPES:
             raise UnsupportedModelError(
-                f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(HF_MODEL_TYPES)}")
+        arch = HF_MODEL_TYPES[model_type]
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         common = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"] if "hidden_size" in hf else hf["d_model"],
                       n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
                       bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids,
-                      tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
-        if model_type == "opt":
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", arch not in ("phi3",))))
+        if arch == "opt":
             if not hf.get("do_layer_norm_before", True):
                 raise UnsupportedModelError(f"{source}: OPT with do_layer_norm_before=false (OPT-350m) is not supported")
             if hf.get("word_embed_proj_dim", common["d_model"]) != common["d_model"]:
@@ -119,29 +172,61 @@ class ModelConfig:
                        max_position=hf["max_position_embeddings"], norm="layer", norm_eps=1e-5,
                        ffn_activation="relu", qkv_bias=bias, o_bias=bias, ffn_bias=bias,
                        rope_theta=None, position_offset=2, **common)
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (silu only)")
+        # Gemma names its activation hidden_activation (older Gemma configs carry both names).
+        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        if act not in _HF_GATED_ACTIVATIONS:
+            raise UnsupportedModelError(f"{source}: hidden activation {act!r} is not supported "
+                                        f"(supported: {', '.join(_HF_GATED_ACTIVATIONS)})")
         n_kv = hf.get("num_key_value_heads") or common["n_heads"]
         head_dim = hf.get("head_dim") or common["d_model"] // common["n_heads"]
+        max_position = hf.get("max_position_embeddings", 2048)
         sliding = None
-        if model_type == "mistral":
+        if arch in ("mistral", "phi3", "gemma3"):
             sliding = hf.get("sliding_window")
-        elif model_type == "qwen2" and hf.get("use_sliding_window", False):
+        elif arch in ("qwen2", "qwen3") and hf.get("use_sliding_window", False):
             sliding = hf.get("sliding_window")
         rope_params = hf.get("rope_parameters") or {}
-        rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or rope_params
-        return cls(architecture=model_type, n_kv_heads=n_kv, head_dim=head_dim,
-                   d_ffn=hf["intermediate_size"], max_position=hf.get("max_position_embeddings", 2048),
-                   norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), ffn_activation="silu_glu",
-                   qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
-                   o_bias=bool(hf.get("attention_bias", False)), ffn_bias=bool(hf.get("mlp_bias", False)),
-                   rope_theta=float(rope_theta), rope_scaling=_rope_scaling(scaling, source),
-                   sliding_window=sliding, **common)
+        extra = {}
+        if arch == "gemma3":
+            if hf.get("use_bidirectional_attention"):
+                raise UnsupportedModelError(f"{source}: Gemma 3 with bidirectional attention is not supported")
+            pattern = hf.get("sliding_window_pattern", 6)
+            kinds = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                              for i in range(common["n_layers"])]
+            # transformers 5 nests RoPE per kind of layer; older configs say rope_theta / rope_local_base_freq.
+            full = rope_params.get("full_attention", {})
+            local = rope_params.get("sliding_attention", {})
+            if local.get("rope_type", "default") != "default":
+                raise UnsupportedModelError(f"{source}: RoPE scaling on Gemma 3's sliding layers is not supported")
+            rope_theta = full.get("rope_theta", hf.get("rope_theta", 1_000_000.0))
+            scaling = hf.get("rope_scaling") or full
+            extra = dict(layer_types=tuple("sliding" if k == "sliding_attention" else "full" for k in kinds),
+                         local_rope_theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))),
+                         qk_norm=True, sandwich_norm=True, embed_scale=float(common["d_model"]) ** 0.5,
+                         attn_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+                         # attn_logit_softcapping is a Gemma 2 field Gemma 3 ignores: transformers'
+                         # Gemma3Attention never applies it, nor does llama.cpp's gemma3 graph.
+                         final_softcap=hf.get("final_logit_softcapping"))
+        else:
+            rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+            scaling = hf.get("rope_scaling") or rope_params
+            extra = dict(qk_norm=arch == "qwen3")
+        partial = hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
+        rotary_dim = int(head_dim * partial) if partial != 1.0 else None
+        original_max = hf.get("original_max_position_embeddings") or (scaling or {}).get("original_max_position_embeddings")
+        return cls(architecture=arch, n_kv_heads=n_kv, head_dim=head_dim,
+                   d_ffn=hf["intermediate_size"], max_position=max_position,
+                   norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), ffn_activation=_HF_GATED_ACTIVATIONS[act],
+                   qkv_bias=bool(hf.get("attention_bias", arch == "qwen2")),
+                   o_bias=bool(hf.get("attention_bias", False)) and arch != "qwen2",
+                   ffn_bias=bool(hf.get("mlp_bias", False)),
+                   rope_theta=float(rope_theta),
+                   rope_scaling=_rope_scaling(scaling, source, max_position, original_max),
+                   sliding_window=sliding, rotary_dim=rotary_dim, **extra, **common)
 
 
-def _rope_scaling(scaling: Mapping[str, Any] | None, source: str) -> tuple | None:
+def _rope_scaling(scaling: Mapping[str, Any] | None, source: str, max_position: int = 0,
+                  original_max: int | None = None) -> tuple | None:
     if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -152,19 +237,37 @@ def _rope_scaling(scaling: Mapping[str, Any] | None, source: str) -> tuple | Non
     if kind == "llama3":
         return ("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
                 float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+    if kind in ("longrope", "su"):
+        # Phi-3's LongRoPE: per-pair frequency divisors, the short set up to the pretraining length and
+        # the long set past it, and cos/sin scaled by an attention factor (the paper's, from the ratio
+        # of lengths, unless the config gives one).
+        original_max = int(original_max or max_position)
+        factor = scaling.get("factor") or max_position / original_max
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max))
+        return ("longrope", tuple(float(v) for v in scaling["short_factor"]),
+                tuple(float(v) for v in scaling["long_factor"]), original_max, float(attention_factor))
     raise UnsupportedModelError(
         f"{source}: rope scaling {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_SCALING)}")
 
 
-def rope_inverse_frequencies(cfg: ModelConfig):
-    """Per-pair rotation frequencies, with the checkpoint's RoPE scaling applied (numpy, float64)."""
+def rope_inverse_frequencies(cfg: ModelConfig, long: bool = False):
+    """Per-pair rotation frequencies over the rotary dimensions, with the checkpoint's RoPE scaling
+    applied (numpy, float64). LongRoPE has two sets: `long` picks the one past the pretraining length."""
     import numpy as np
 
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    dim = cfg.rotary_width
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if cfg.rope_scaling is None:
         return inv_freq
     if cfg.rope_scaling[0] == "linear":
         return inv_freq / cfg.rope_scaling[1]
+    if cfg.rope_scaling[0] == "longrope":
+        factors = np.asarray(cfg.rope_scaling[2 if long else 1], np.float64)
+        if factors.shape != inv_freq.shape:
+            raise UnsupportedModelError(f"LongRoPE has {len(factors)} factors for {len(inv_freq)} rotary pairs")
+        return inv_freq / factors
     # Llama 3: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
     _, factor, low_ff, high_ff, original_max = cfg.rope_scaling
     low_wavelen, high_wavelen = original_max / low_ff, original_max / high_ff

@@ -79,6 +79,14 @@ def pad_prompt(prompt: np.ndarray, block: int, capacity: int) -> np.ndarray:
     return tokens
 
 
+def prompt_positions(padded: int, length, xp=np):
+    """Positions [1, padded] of a padded prompt: 0..length-1, then the padding held at the last real
+    position. The padding's slots still follow the prompt (the cache is written at `start`); its
+    positions only keep the call's largest position the prompt's own, which LongRoPE reads to choose
+    its frequencies."""
+    return xp.minimum(xp.arange(padded, dtype=xp.int32), length - 1)[None]
+
+
 # One dispatch (about 10 us on XLA:CPU) where the unjitted fold_in makes several (about 140 us).
 _fold_in = jax.jit(jax.random.fold_in)
 
@@ -96,7 +104,7 @@ def sampling_args(key, pos: int, sampling: SamplingParams) -> tuple:
 def _prefill(cfg: ModelConfig, params, tokens, length, cache, key, temperature, top_k, top_p, greedy):
     # tokens [B, T] padded past `length`; padded slots are overwritten by later decode steps
     # before any query can see them (a query at position p sees slots <= p only).
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    positions = jnp.broadcast_to(prompt_positions(tokens.shape[1], length, jnp), tokens.shape)
     x, cache = forward(cfg, params, tokens, positions, 0, cache)
     # [B, 1, D] -> [B, V]
     last = jax.lax.dynamic_slice_in_dim(x, length - 1, 1, axis=1)
@@ -115,9 +123,9 @@ def _decode(cfg: ModelConfig, params, token, pos, cache, key, temperature, top_k
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def _sequence_logits(cfg: ModelConfig, params, tokens, dtype: str):
-    # tokens [B, T] -> logits [B, T, V]; a scratch cache of T slots, dropped.
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+def _sequence_logits(cfg: ModelConfig, params, tokens, length, dtype: str):
+    # tokens [B, T] padded past `length` -> logits [B, T, V]; a scratch cache of T slots, dropped.
+    positions = jnp.broadcast_to(prompt_positions(tokens.shape[1], length, jnp), tokens.shape)
     x, _ = forward(cfg, params, tokens, positions, 0, init_kv_cache(cfg, tokens.shape[0], tokens.shape[1], dtype))
     return final_logits(cfg, params, x)
 
@@ -188,7 +196,7 @@ class DenseRunner:
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         room = max(len(tokens), context_limit(self.cfg, self.engine_cfg))
         padded = pad_prompt(tokens, self.engine_cfg.prefill_block, room)
-        logits = _sequence_logits(self.cfg, self.params, padded, self.compute_dtype.name)
+        logits = _sequence_logits(self.cfg, self.params, padded, np.int32(len(tokens)), self.compute_dtype.name)
         return np.asarray(logits, np.float32)[0, :len(tokens)]
 
     def stats(self) -> dict:

@@ -27,6 +27,7 @@ import os
 import pathlib
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
@@ -267,19 +268,18 @@ class _GGUFMetadata:
         self.path = pathlib.Path(path)
         if not self.path.is_file():
             raise TokenizerError(f"GGUF file not found: {self.path}")
-        import gguf  # heavy-ish import, only needed here
+        from flashjax.weights.gguf_format import GGUFContainer, GGUFFormatError
         try:
-            self._reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # bad magic, truncated file, ...
-            raise TokenizerError(f"{self.path}: not a readable GGUF file: {e}") from e
+            self._fields = GGUFContainer(self.path).fields
+        except GGUFFormatError as e:  # bad magic, truncated file, ...
+            raise TokenizerError(str(e)) from e
 
     def get(self, key: str, default: Any = _REQUIRED) -> Any:
-        field = self._reader.get_field(key)
-        if field is None:
+        if key not in self._fields:
             if default is _REQUIRED:
                 raise TokenizerError(f"{self.path}: GGUF metadata has no {key!r} field")
             return default
-        return field.contents()
+        return self._fields[key]
 
 
 def _build_byte_level(meta: _GGUFMetadata, vocab: dict[str, int]) -> tuple[tokenizers.Tokenizer, bool]:
@@ -307,7 +307,7 @@ def _build_sentencepiece(meta: _GGUFMetadata, vocab: dict[str, int], tokens: lis
     if meta.get("tokenizer.ggml.merges", None) is not None:
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges")]
     else:
-        merges = _merges_from_scores(vocab, tokens, meta.get("tokenizer.ggml.scores"))
+        merges = _merges_from_scores(tokens, meta.get("tokenizer.ggml.scores"))
     unk_id = meta.get("tokenizer.ggml.unknown_token_id", None)
     if unk_id is None:
         unk_id = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
@@ -327,16 +327,45 @@ def _build_sentencepiece(meta: _GGUFMetadata, vocab: dict[str, int], tokens: lis
     return backend, True  # SentencePiece models add BOS unless the file says otherwise
 
 
-def _merges_from_scores(vocab: dict[str, int], tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     # Every split of a token into two vocabulary tokens is a merge, ranked by the merged token's
-    # score (best first). Ties are ordered as transformers' generate_merges does, so ids match it.
-    merges = []
-    for token, score in zip(tokens, scores):
-        pairs = [(token[:i], token[i:]) for i in range(1, len(token))]
-        pairs = sorted((p for p in pairs if p[0] in vocab and p[1] in vocab), key=lambda p: (vocab[p[0]], vocab[p[1]]))
-        merges += [(left, right, score) for left, right in pairs]
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(left, right) for left, right, _ in merges]
+    # score (best first), then by the lengths of the left and the right piece (longest first), then
+    # by the merged token's id: transformers' generate_merges order, so ids match it. (Its sort by
+    # piece ids inside one token never decides: two splits of one token differ in the left length.)
+    # Looking every split up in a dict takes seconds on a 262k vocabulary, so the pieces are numbered
+    # with numpy instead: equal pieces get equal numbers, and a piece is in the vocabulary when its
+    # number is that of a whole token.
+    n = len(tokens)
+    lengths = np.fromiter(map(len, tokens), np.int64, n)
+    width = max(int(lengths.max(initial=0)), 1)
+    codes = np.array(tokens, dtype=f"<U{width}").view(np.uint32).reshape(n, width)
+    backwards = np.take_along_axis(codes, (lengths[:, None] - 1 - np.arange(width)).clip(0), axis=1)
+    prefix, suffix = _piece_numbers(codes, lengths), _piece_numbers(backwards, lengths)
+    # A piece's key: its length and number (numbers of one length are below n).
+    rows = np.arange(n)
+    whole_prefix, whole_suffix = lengths * n + prefix[rows, lengths], lengths * n + suffix[rows, lengths]
+    splits = np.maximum(lengths[:len(scores)] - 1, 0)  # tokens without a score make no merges (zip)
+    owner = np.repeat(np.arange(len(splits)), splits)
+    left = np.arange(len(owner)) - np.repeat(np.cumsum(splits) - splits, splits) + 1
+    right = lengths[owner] - left
+    known = (np.isin(left * n + prefix[owner, left], whole_prefix)
+             & np.isin(right * n + suffix[owner, right], whole_suffix))
+    owner, left, right = owner[known], left[known], right[known]
+    order = np.lexsort((owner, -right, -left, -np.asarray(scores, np.float64)[owner]))
+    return [(tokens[t][:cut], tokens[t][cut:]) for t, cut in zip(owner[order].tolist(), left[order].tolist())]
+
+
+def _piece_numbers(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """[token, k] -> a number for the token's first k characters (k <= its length; codes: one row of
+    code points per token), equal for equal strings of k characters and different otherwise: built a
+    character at a time, numbering the distinct (number of the first k - 1, k-th character) pairs."""
+    numbers = np.zeros((len(lengths), codes.shape[1] + 1), np.int32)
+    base = int(codes.max(initial=0)) + 1
+    for k in range(1, codes.shape[1] + 1):
+        rows = np.flatnonzero(lengths >= k)
+        pairs = numbers[rows, k - 1].astype(np.int64) * base + codes[rows, k - 1]
+        numbers[rows, k] = np.unique(pairs, return_inverse=True)[1]
+    return numbers
 
 
 def _set_post_processor(backend: tokenizers.Tokenizer, bos: str | None, bos_id: int | None,

@@ -27,16 +27,27 @@ def preactivations(w: dict, h) -> tuple:
     return gate, up
 
 
-def activations(w: dict, h) -> np.ndarray:
-    """Per-neuron activation [..., F]: silu(gate) * up (SwiGLU) or relu(up) (ReLU)."""
+def gelu_tanh(x):
+    """GELU, tanh approximation (Gemma's GeGLU; PyTorch's gelu(approximate="tanh"))."""
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def gate_function(cfg):
+    """The numpy act(gate) of a gated model's config (SwiGLU or GeGLU)."""
+    return {"silu_glu": silu, "gelu_tanh_glu": gelu_tanh}[cfg.ffn_activation]
+
+
+def activations(w: dict, h, act=silu) -> np.ndarray:
+    """Per-neuron activation [..., F]: act(gate) * up (gated: SwiGLU, or GeGLU with act=gelu_tanh) or
+    relu(up) (ReLU)."""
     gate, up = preactivations(w, h)
-    return np.maximum(up, 0.0) if gate is None else silu(gate) * up
+    return np.maximum(up, 0.0) if gate is None else act(gate) * up
 
 
-def masked_ffn(w: dict, h, keep=None) -> np.ndarray:
+def masked_ffn(w: dict, h, keep=None, act=silu) -> np.ndarray:
     """FFN output [..., D] of h [..., D] over the neurons `keep` only (every neuron when None):
     the activation masked to `keep`, then the down projection (+ its bias)."""
-    act = activations(w, h)
+    act = activations(w, h, act)
     if keep is not None:
         mask = np.zeros(act.shape[-1], bool)
         mask[np.asarray(keep, np.int64)] = True
@@ -66,17 +77,16 @@ class FlashRecorder:
     """Records, for every decode step of a flash LLM (`flashjax.load(..., sparsity=...)`), per layer:
 
     - `h[l]`: the FFN input the engine computed ([D], float32);
-    - `out[l]`: what the engine's FFN added to the residual stream ([D]);
+    - `out[l]`: the engine's FFN output ([D]), before any post-FFN norm (Gemma) adds it to the stream;
     - `needed[l]`: the ids the selector returned for layer l (`begin` for selectors that choose
       when the token starts, such as the oracle; `needed` for per-layer ones, such as predictors and
       the gate path), and `ahead[l]`: ids a lookahead predicted for layer l from layer l-1's input;
     - `token`, `pos`: the token decoded and its position.
 
     A context manager: while it is open, the flash kernels the runner calls (`layer_step`,
-    `attention_select_step`, `ffn_step`) are wrapped so each layer's FFN input, FFN contribution and
-    (per-layer selectors) the masks chosen on the device are recorded; `begin` is wrapped on the
-    selector instance. The FFN contribution of a fused
-    layer step is recomputed with the engine's own `ffn_step` over the same rows (same arithmetic).
+    `attention_select_step`, `ffn_step`) are wrapped so each layer's FFN input, FFN contribution (the
+    FFN's output the steps return beside the stream) and (per-layer selectors) the masks chosen on
+    the device are recorded; `begin` is wrapped on the selector instance.
     """
 
     def __init__(self, llm):
@@ -86,8 +96,6 @@ class FlashRecorder:
         self._decoding = False
 
     def __enter__(self):
-        import jax.numpy as jnp
-
         from flashjax.flash import kernels
 
         runner, selector = self.llm.runner, self.llm.runner.selector
@@ -105,11 +113,9 @@ class FlashRecorder:
 
         def recording_layer_step(cfg, mesh, part_slices, layer, x, positions, start, kv, cached, scratch):
             self._layer += 1
-            y, h, kv = layer_step(cfg, mesh, part_slices, layer, x, positions, start, kv, cached, scratch)
-            if self._decoding:
-                alone = ffn_step(cfg, mesh, part_slices, jnp.zeros_like(y), h, layer["ffn"].get("b_down"), cached, scratch)
-                record(h, alone)
-            return y, h, kv
+            y, h, kv, partial = layer_step(cfg, mesh, part_slices, layer, x, positions, start, kv, cached, scratch)
+            record(h, partial[1])  # the FFN's output, before any post-FFN norm
+            return y, h, kv, partial
 
         def recording_attention_select_step(*args, **kwargs):
             self._layer += 1
@@ -122,10 +128,11 @@ class FlashRecorder:
                     step["ahead"][l + 1] = np.flatnonzero(np.asarray(predicted_next))
             return out
 
-        def recording_ffn_step(cfg, mesh, part_slices, x, h, b_down, cached, scratch):
-            y = ffn_step(cfg, mesh, part_slices, x, h, b_down, cached, scratch)
-            record(h, np.asarray(y, np.float64) - np.asarray(x, np.float64))
-            return y
+        def recording_ffn_step(cfg, mesh, part_slices, post_ffn_norm, partial, h, b_down, cached, scratch):
+            y, (x, out) = ffn_step(cfg, mesh, part_slices, post_ffn_norm, partial, h, b_down, cached, scratch)
+            so_far = partial[1]
+            record(h, np.asarray(out, np.float64) - (0.0 if so_far is None else np.asarray(so_far, np.float64)))
+            return y, (x, out)
 
         kernels.layer_step, kernels.attention_select_step, kernels.ffn_step = (
             recording_layer_step, recording_attention_select_step, recording_ffn_step)

@@ -29,6 +29,24 @@ TINY = {
                                                       tie_word_embeddings=True)),
     "opt": ("OPTConfig", "OPTForCausalLM", dict(num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=48,
                                                 enable_bias=True)),
+    # Query/key norms; a head_dim (16) that is not d_model / heads (12).
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                      tie_word_embeddings=False)),
+    # A sliding layer then a global one (prompts of 20-24 tokens outrun the window of 6), each with its
+    # own RoPE base; a query scale that is not 1/sqrt(head_dim); the final logit soft-cap on. The
+    # attention soft-cap is set too: Gemma 3 ignores it (transformers' Gemma3Attention never passes it
+    # on, nor does llama.cpp's gemma3 graph apply one), and so must flashjax.
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=20, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=20.0,
+        final_logit_softcapping=15.0)),
+    # Half the head rotated; LongRoPE whose long factors take over past position 16 (mid-test).
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, original_max_position_embeddings=16,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.3, 2.1], "long_factor": [1.5, 3.0, 7.0],
+                         "original_max_position_embeddings": 16})),
 }
 TINY_COMMON = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
                    max_position_embeddings=64)
@@ -36,6 +54,8 @@ TINY_COMMON = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, vo
 # RoPE, scaling or norm mistake could move logits by less than the tolerance. Scaling the query and
 # key projections by this factor each makes scores O(1-10): attention is peaked.
 QK_SCALE = 12.0
+# The same for query/key norm weights: scores grow by its square.
+QK_NORM_GAIN = 3.0
 
 
 def build_tiny(name: str, directory: pathlib.Path):
@@ -56,15 +76,26 @@ def build_tiny(name: str, directory: pathlib.Path):
 
 def sharpen_for_parity(model) -> None:
     """Random init leaves norms at 1 and biases at 0, and attention near-uniform: perturb the former
-    (so the test checks their mapping too) and scale query/key weights (QK_SCALE) in place."""
+    (so the test checks their mapping too) and scale query/key weights (QK_SCALE) in place. Where
+    query/key norms follow the projections (Qwen3, Gemma 3), the projections' scale is normalised
+    away: the norms' weights are scaled instead (Gemma's multiplier is 1 + weight)."""
     import torch
 
+    cfg = model.config
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
             if pname.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(QK_SCALE)
+            if pname.endswith("qkv_proj.weight"):  # Phi-3: q and k are the first rows of the fused projection
+                head_dim = cfg.hidden_size // cfg.num_attention_heads
+                p[:(cfg.num_attention_heads + cfg.num_key_value_heads) * head_dim].mul_(QK_SCALE)
+            if pname.endswith(("q_norm.weight", "k_norm.weight")):
+                if cfg.model_type.startswith("gemma"):
+                    p.add_(QK_NORM_GAIN - 1.0)
+                else:
+                    p.mul_(QK_NORM_GAIN)
 
 
 @pytest.fixture(scope="session", params=sorted(TINY))

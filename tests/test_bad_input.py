@@ -104,7 +104,7 @@ def test_unknown_architecture_lists_supported(tiny_dir, tmp_path):
     config = json.loads((d / "config.json").read_text())
     config["model_type"] = "gpt_neox"
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedModelError, match="gpt_neox.*supported: llama, mistral, qwen2, opt"):
+    with pytest.raises(UnsupportedModelError, match="gpt_neox.*supported: llama, mistral, qwen2, qwen3, gemma3_text, phi3, opt"):
         open_model_source(d)
 
 

@@ -31,10 +31,12 @@ def _gguf(name, tmp_path_factory):
     return str(path)
 
 
-# llama_mha: 4 kv heads, so attention is split on 4 devices too; llama_gqa and qwen2 (2 kv heads):
-# attention replicated on 4 devices, split on 2.
-@pytest.fixture(scope="module", params=[("hf", "llama_mha"), ("hf", "llama_gqa"), ("hf", "opt"),
-                                        ("gguf", "llama_mha"), ("gguf", "qwen2")], ids="-".join)
+# llama_mha: 4 kv heads, so attention is split on 4 devices too; llama_gqa, qwen2, gemma3 and phi3 (2 kv
+# heads): attention replicated on 4 devices, split on 2. Gemma 3's query/key norms and sandwich norms
+# are replicated; Phi-3's fused projections are split at load, before placement.
+@pytest.fixture(scope="module", params=[("hf", "llama_mha"), ("hf", "llama_gqa"), ("hf", "opt"), ("hf", "gemma3"),
+                                        ("gguf", "llama_mha"), ("gguf", "qwen2"), ("gguf", "phi3_longrope")],
+                ids="-".join)
 def model(request, tmp_path_factory):
     kind, name = request.param
     path = (_hf if kind == "hf" else _gguf)(name, tmp_path_factory)

@@ -14,7 +14,7 @@ from flashjax.flash.shards import NeuronPartition
 from flashjax.store import convert
 
 
-@pytest.fixture(scope="module", params=["llama_gqa", "opt"])
+@pytest.fixture(scope="module", params=["llama_gqa", "opt", "gemma3"])
 def tiny_flash(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("multi-" + request.param)
     build_tiny(request.param, root / "hf")

@@ -36,15 +36,31 @@ def test_full_prompt_logits_match(tiny_model):
     np.testing.assert_allclose(ours, _reference_logits(reference, ids), atol=TOL, rtol=0)
 
 
+def _reference_stepwise_logits(model, ids, prompt_len):
+    """transformers with its own KV cache: logits [len(ids), V] where row p is the logits after
+    position p, from a prefill of ids[:prompt_len] and then one token per call. Not the full-sequence
+    forward: LongRoPE (Phi-3) rotates a call's positions by the call's length, so a model stepped with
+    a cache differs from one run over the whole sequence, and the cached run is what decoding does."""
+    out = np.zeros((len(ids), model.config.vocab_size), np.float32)
+    with torch.no_grad():
+        result = model(torch.tensor(ids[None, :prompt_len].astype(np.int64)), use_cache=True)
+        out[:prompt_len] = result.logits[0].numpy()
+        cache = result.past_key_values
+        for pos in range(prompt_len, len(ids)):
+            result = model(torch.tensor([[int(ids[pos])]]), past_key_values=cache, use_cache=True)
+            out[pos], cache = result.logits[0, -1].numpy(), result.past_key_values
+    return out
+
+
 def test_step_by_step_decode_with_cache_matches(tiny_model):
     name, directory, reference = tiny_model
     cfg, params = _load(directory)
     ids = random_ids(20, cfg.vocab_size, seed=2)
-    expected = _reference_logits(reference, ids)
+    prompt_len = 5
+    expected = _reference_stepwise_logits(reference, ids, prompt_len)
     runner = DenseRunner(cfg, params, EngineConfig(cache_block=32, prefill_block=8))
     runner.start(32)
     greedy, key = SamplingParams(), jax.random.PRNGKey(0)
-    prompt_len = 5
     _, logits = runner.prefill(ids[:prompt_len], greedy, key)
     np.testing.assert_allclose(np.asarray(logits[0]), expected[prompt_len - 1], atol=TOL, rtol=0)
     for pos in range(prompt_len, len(ids)):

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from flashjax.config import ModelConfig
 from flashjax.flash.shards import NEURONS
 from flashjax.model.layers import ffn_over_neurons
-from flashjax.model.transformer import attention_block, embed, ffn_input, final_logits, inverse_frequencies
+from flashjax.model.transformer import attention_block, embed, ffn_input, ffn_residual, final_logits
 from flashjax.quant import decode_float, decode_rows
 from flashjax.sampling import sample
 
@@ -35,8 +35,9 @@ def embed_tokens(cfg: ModelConfig, params, tokens, positions, dtype):
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
 def attention_step(cfg: ModelConfig, layer, x, positions, start, kv):
-    """One layer up to its FFN: returns (residual stream, FFN input, this layer's KV cache)."""
-    x, kv = attention_block(cfg, layer, x, positions, start, kv, inverse_frequencies(cfg))
+    """One layer up to its FFN: returns (residual stream, FFN input, this layer's KV cache). `cfg` is
+    the layer's own (`ModelConfig.layer_config`), as in every step that runs attention."""
+    x, kv = attention_block(cfg, layer, x, positions, start, kv)
     return x, ffn_input(cfg, layer, x), kv
 
 
@@ -50,7 +51,7 @@ def attention_select_step(cfg: ModelConfig, select, ahead, layer, x, positions, 
     guesses layer l+1's neurons from this layer's FFN input (lookahead) with `ahead_rule`.
     Returns (residual stream, FFN input, KV cache, needed [F] bool, predicted for l+1 [F] bool or None).
     """
-    x, kv = attention_block(cfg, layer, x, positions, start, kv, inverse_frequencies(cfg))
+    x, kv = attention_block(cfg, layer, x, positions, start, kv)
     h = ffn_input(cfg, layer, x)
     (params, value) = rule
     needed = select(params, h, value)
@@ -144,19 +145,25 @@ def _with_bias(out, b_down):
 def layer_step(cfg: ModelConfig, mesh, part_slices, layer, x, positions, start, kv, cached, scratch):
     """One whole layer in one dispatch, for neuron sets known before the layer runs (naive, hybrid,
     oracle, prefill): attention, then the FFN over the cached rows and one scratch chunk.
-    Returns (residual stream, FFN input (for any further scratch chunks), this layer's KV cache)."""
-    x, kv = attention_block(cfg, layer, x, positions, start, kv, inverse_frequencies(cfg))
+    Returns (residual stream, FFN input, this layer's KV cache, (stream before the FFN, FFN output
+    so far): what `ffn_step` adds further scratch chunks to)."""
+    x, kv = attention_block(cfg, layer, x, positions, start, kv)
     h = ffn_input(cfg, layer, x)
     out = _with_bias(_sparse_ffn(cfg, mesh, part_slices, h, cached, scratch), layer["ffn"].get("b_down"))
-    return x + out.astype(x.dtype), h, kv
+    return ffn_residual(cfg, layer.get("post_ffn_norm"), x, out), h, kv, (x, out)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "part_slices"))
-def ffn_step(cfg: ModelConfig, mesh, part_slices, x, h, b_down, cached, scratch):
-    """x + FFN(h) over the cached rows and one scratch chunk, for neuron sets chosen from this
-    layer's own FFN input (predictor, gate), where attention ran as its own step."""
+def ffn_step(cfg: ModelConfig, mesh, part_slices, post_ffn_norm, partial, h, b_down, cached, scratch):
+    """The FFN over the cached rows and one scratch chunk, added to what an earlier step of this
+    layer computed: `partial` is (stream before the FFN, FFN output so far or None). For neuron sets
+    chosen from the layer's own FFN input (predictor, gate), where attention ran as its own step, and
+    for scratch chunks past the first. Returns (residual stream, (stream before the FFN, FFN output))."""
+    x, so_far = partial
     out = _with_bias(_sparse_ffn(cfg, mesh, part_slices, h, cached, scratch), b_down)
-    return x + out.astype(x.dtype)
+    if so_far is not None:
+        out = so_far + out
+    return ffn_residual(cfg, post_ffn_norm, x, out), (x, out)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "part_slices"), donate_argnames=("buffers",))

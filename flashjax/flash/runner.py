@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashjax.config import EngineConfig
-from flashjax.engine import ensure_kv_cache, kv_capacity, pad_prompt, sampling_args
+from flashjax.engine import ensure_kv_cache, kv_capacity, pad_prompt, prompt_positions, sampling_args
 from flashjax.flash import kernels
 from flashjax.flash.budget import choose_dtypes, parse_budget, plan_memory
 from flashjax.flash.reader import NeuronReader
@@ -85,6 +85,9 @@ class FlashRunner:
                  oracle_params=None):
         cfg = flash_model.config
         self.cfg, self.options, self.engine_cfg = cfg, options, engine_cfg
+        # Each layer's attention runs with its own config (window, RoPE base); layers alike share one.
+        self.layer_cfgs = [cfg.layer_config(l) for l in range(cfg.n_layers)]
+        self.layer_kinds = list(dict.fromkeys(self.layer_cfgs))
         self.compute_dtype = jnp.dtype(engine_cfg.compute_dtype)
         self.mesh = make_mesh(options.devices)
         self.placer = ShardPlacer(self.mesh, options.staging)
@@ -203,20 +206,27 @@ class FlashRunner:
         s_rows = self.plan.scratch_rows
         chunks = [None] + [self.placer.shards(np.zeros((n_dev, size, width), self.store.dtype), np.zeros(n_dev, np.int32))
                            for size in sorted({scratch_bucket(1 << k, s_rows) for k in range(0, s_rows.bit_length() + 1)})]
-        b_down = self.params["layers"][0]["ffn"].get("b_down")
+        layer0 = self.params["layers"][0]
+        b_down, post_norm = layer0["ffn"].get("b_down"), layer0.get("post_ffn_norm")
+        so_far = jnp.zeros_like(x)
         for chunk in chunks:
-            kv = jax.tree.map(jnp.copy, self.kv[0])
-            kernels.layer_step(cfg, self.mesh, self.part_slices, self.params["layers"][0], x, positions, np.int32(0),
-                               kv, cached, chunk)
-            kernels.ffn_step(cfg, self.mesh, self.part_slices, x, x, None, None, chunk)  # chunks past the first
+            for layer_cfg in self.layer_kinds:  # one compile per kind of layer (Gemma's sliding and global)
+                kv = jax.tree.map(jnp.copy, self.kv[0])
+                kernels.layer_step(layer_cfg, self.mesh, self.part_slices, layer0, x, positions, np.int32(0),
+                                   kv, cached, chunk)
+            # chunks past the first
+            kernels.ffn_step(cfg, self.mesh, self.part_slices, post_norm, (x, so_far), x, None, None, chunk)
             if self.selector.per_layer:  # attention apart, then the FFN over what the layer's input chose
                 for maybe_cached in ([None] if cached is None else [None, cached]):
-                    kernels.ffn_step(cfg, self.mesh, self.part_slices, x, x, b_down, maybe_cached, chunk)
+                    kernels.ffn_step(cfg, self.mesh, self.part_slices, post_norm, (x, None), x, b_down, maybe_cached,
+                                     chunk)
         if self.selector.per_layer:
             for (select, rule), ahead in self.rules:  # layers' predictors may differ in rank: each shape
-                kv = jax.tree.map(jnp.copy, self.kv[0])
-                kernels.attention_select_step(cfg, select, None if ahead is None else ahead[0], self.params["layers"][0],
-                                              x, positions, np.int32(0), kv, rule, None if ahead is None else ahead[1])
+                for layer_cfg in self.layer_kinds:
+                    kv = jax.tree.map(jnp.copy, self.kv[0])
+                    kernels.attention_select_step(layer_cfg, select, None if ahead is None else ahead[0], layer0,
+                                                  x, positions, np.int32(0), kv, rule,
+                                                  None if ahead is None else ahead[1])
         kernels.embed_tokens(cfg, self.params, np.zeros((1, 1), np.int32), positions, self.compute_dtype)
         kernels.head(cfg, self.params, x, np.int32(0), *sampling_args(key, 0, sampling), greedy=sampling.greedy)
         self._warm = True
@@ -259,10 +269,12 @@ class FlashRunner:
             self.reader.submit(read_ids)
         for l, layer in enumerate(self.params["layers"]):
             if ahead is not None:
-                x, h, chunks = self._planned_layer(l, layer, x, positions, start, updates[l], read_ids[l], stats)
+                x, h, partial, chunks = self._planned_layer(l, layer, x, positions, start, updates[l], read_ids[l],
+                                                            stats)
             else:
-                x, h, chunks = self._selecting_layer(l, layer, x, positions, start, stats)
-            x = self.ffn.remaining_chunks(x, h, chunks)
+                x, h, partial, chunks = self._selecting_layer(l, layer, x, positions, start, stats)
+            if len(chunks) > 1:
+                x = self.ffn.remaining_chunks(x, partial, h, layer.get("post_ffn_norm"), chunks)
         return x
 
     def _planned_layer(self, l, layer, x, positions, start, updates, read_ids, stats):
@@ -270,9 +282,10 @@ class FlashRunner:
         rows = self.reader.next_layer(stats)
         cached, surplus = self.ffn.update(l, updates, rows, read_ids, stats)
         chunks = self.ffn.scratch_chunks(surplus)
-        x, h, self.kv[l] = kernels.layer_step(self.cfg, self.mesh, self.part_slices, layer, x, positions, start,
-                                              self.kv[l], cached, chunks[0] if chunks else None)
-        return x, h, chunks
+        x, h, self.kv[l], partial = kernels.layer_step(self.layer_cfgs[l], self.mesh, self.part_slices, layer, x,
+                                                       positions, start, self.kv[l], cached,
+                                                       chunks[0] if chunks else None)
+        return x, h, partial, chunks
 
     def _device_rules(self):
         """Per layer: (its own rule, the lookahead rule guessing layer l+1 or None), on the mesh."""
@@ -291,7 +304,7 @@ class FlashRunner:
         (select, rule), ahead = self.rules[l]
         ahead_fn, ahead_rule = ahead if ahead is not None else (None, None)
         x, h, self.kv[l], needed, predicted_next = kernels.attention_select_step(
-            cfg, select, ahead_fn, layer, x, positions, start, self.kv[l], rule, ahead_rule)
+            self.layer_cfgs[l], select, ahead_fn, layer, x, positions, start, self.kv[l], rule, ahead_rule)
         t0 = time.perf_counter()
         # The one wait per layer: the host learns which neurons this layer (and the next) needs.
         needed, predicted_next = jax.device_get((self.placer.local_copy(needed),
@@ -318,16 +331,16 @@ class FlashRunner:
         stats.needed += len(needed)
         cached, surplus = self.ffn.update(l, updates, rows, read_ids, stats)
         chunks = self.ffn.scratch_chunks(surplus)
-        x = kernels.ffn_step(cfg, self.mesh, self.part_slices, x, h, layer["ffn"].get("b_down"), cached,
-                             chunks[0] if chunks else None)
-        return x, h, chunks
+        x, partial = kernels.ffn_step(cfg, self.mesh, self.part_slices, layer.get("post_ffn_norm"), (x, None), h,
+                                      layer["ffn"].get("b_down"), cached, chunks[0] if chunks else None)
+        return x, h, partial, chunks
 
     def prefill(self, prompt: np.ndarray, sampling: SamplingParams, key):
         self._last_step_end = None  # a new sequence: the first decode's period starts at that decode
         tokens = pad_prompt(prompt, self.engine_cfg.prefill_block, kv_capacity(self.kv))
         padded = tokens.shape[1]
         self.selector.prefill(tokens[0, :len(prompt)])
-        positions = np.arange(padded, dtype=np.int32)[None]
+        positions = prompt_positions(padded, len(prompt))
         x = kernels.embed_tokens(self.cfg, self.params, tokens, positions, self.compute_dtype)
         # The prompt's tokens together use nearly every neuron: stream each whole layer once, uncached.
         everything = [np.arange(self.cfg.d_ffn)] * self.cfg.n_layers

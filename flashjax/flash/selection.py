@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashjax.config import ModelConfig
-from flashjax.engine import kv_capacity, pad_prompt
+from flashjax.config import GATED_ACTIVATIONS, ModelConfig
+from flashjax.engine import kv_capacity, pad_prompt, prompt_positions
 from flashjax.model.layers import dense_ffn_apply
 from flashjax.model.transformer import forward, init_kv_cache
 from flashjax.sparsity.gate import gate_mask, gate_topk_mask
@@ -43,12 +43,18 @@ class MaskRule:
         return self.fn(self.params, h, self.value)
 
 
-def _gate_threshold_rule(params, h, threshold):
-    return gate_mask(params["w_gate"], h, threshold, params["b_gate"])
+def _gate_threshold_rule(activation, params, h, threshold):
+    return gate_mask(params["w_gate"], h, threshold, params["b_gate"], activation=activation)
 
 
-def _gate_topk_rule(params, h, k):
-    return gate_topk_mask(params["w_gate"], h, k, params["b_gate"])
+def _gate_topk_rule(activation, params, h, k):
+    return gate_topk_mask(params["w_gate"], h, k, params["b_gate"], activation=activation)
+
+
+# One rule function per gated activation, made once: a rule is a static argument of the jitted step,
+# so every layer must hand it the same object.
+_GATE_RULES = {activation: (functools.partial(_gate_threshold_rule, activation),
+                            functools.partial(_gate_topk_rule, activation)) for activation in GATED_ACTIVATIONS}
 
 
 class NaiveSelector:
@@ -72,15 +78,15 @@ class NaiveSelector:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _activations_step(cfg: ModelConfig, params, tokens, start, cache):
-    """Dense forward of tokens [1, T] at slots start.., returning |activation| of every layer's
-    neurons for the last token [L, F] and the cache."""
+def _activations_step(cfg: ModelConfig, params, tokens, length, start, cache):
+    """Dense forward of tokens [1, T] (padded past `length`) at slots start.., returning |activation|
+    of every layer's neurons for the last token [L, F] and the cache."""
     acts = []
 
     def recording_ffn(c, p, h):
         return dense_ffn_apply(c, p, h, on_activations=lambda act: acts.append(jnp.abs(act[0, -1])))
 
-    positions = start + jnp.arange(tokens.shape[1])[None]
+    positions = start + prompt_positions(tokens.shape[1], length, jnp)
     _, cache = forward(cfg, params, tokens, positions, start, cache, ffn=recording_ffn)
     return jnp.stack(acts), cache
 
@@ -110,10 +116,11 @@ class OracleSelector:
     def prefill(self, prompt) -> None:
         tokens = pad_prompt(prompt, 64, kv_capacity(self.cache))
         # Slots past the prompt get padding; each is rewritten by `begin` before any query sees it.
-        _, self.cache = _activations_step(self.cfg, self.params, tokens, np.int32(0), self.cache)
+        _, self.cache = _activations_step(self.cfg, self.params, tokens, np.int32(len(prompt)), np.int32(0),
+                                          self.cache)
 
     def begin(self, token: int, pos: int) -> list[np.ndarray]:
-        acts, self.cache = _activations_step(self.cfg, self.params, np.array([[token]], np.int32),
+        acts, self.cache = _activations_step(self.cfg, self.params, np.array([[token]], np.int32), np.int32(1),
                                              np.int32(pos), self.cache)
         active = np.asarray(acts) > self.threshold
         return [np.flatnonzero(row) for row in active]
@@ -166,15 +173,16 @@ class PredictorSelector:
 
 
 class GatePathSelector(PredictorSelector):
-    """SwiGLU without training: the gate projection stays resident and is computed exactly; only
-    neurons whose |silu(gate)| clears the calibrated threshold have their records read."""
+    """Gated FFNs without training: the gate projection stays resident and is computed exactly; only
+    neurons whose |act(gate)| clears the calibrated threshold have their records read."""
 
     def __init__(self, model_dir, predictors, selection):
         from flashjax.sparsity import GateSelector
 
         super().__init__(predictors, selection, lookahead=False)
         if predictors.gate_thresholds is None:
-            raise ValueError("the gate path is for SwiGLU models (this model's predictors have no gate thresholds)")
+            raise ValueError("the gate path is for gated FFNs, SwiGLU or GeGLU (this model's predictors have no gate "
+                             "thresholds)")
         self.gate = GateSelector.from_model(model_dir, predictors.gate_thresholds, top_k=(
             selection.top_k if selection.mode == "topk" else None), over_select=selection.over_select)
 
@@ -185,9 +193,10 @@ class GatePathSelector(PredictorSelector):
     def rule(self, layer: int) -> MaskRule:
         gate = self.gate
         params = {"w_gate": gate.w_gate[layer], "b_gate": None if gate.b_gate is None else gate.b_gate[layer]}
+        threshold_rule, topk_rule = _GATE_RULES[gate.activation]
         if gate.top_k is not None:
-            return MaskRule(_gate_topk_rule, params, np.int32(gate.k(layer)))
-        return MaskRule(_gate_threshold_rule, params, np.float32(gate.thresholds[layer]))
+            return MaskRule(topk_rule, params, np.int32(gate.k(layer)))
+        return MaskRule(threshold_rule, params, np.float32(gate.thresholds[layer]))
 
     def needed(self, layer: int, h) -> np.ndarray:
         return self.gate.needed_ids(layer, h)

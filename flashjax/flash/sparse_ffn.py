@@ -129,9 +129,11 @@ class SparseFFN:
             chunks.append(tuple(self.placer.shards(padded, np.array([len(c) for c in parts], np.int32))))
         return chunks
 
-    def remaining_chunks(self, x, h, chunks):
-        """x + FFN over scratch chunks past the first (a surplus larger than `scratch_rows`)."""
+    def remaining_chunks(self, x, partial, h, post_ffn_norm, chunks):
+        """The residual stream with the FFN over scratch chunks past the first (a surplus larger than
+        `scratch_rows`) added to `partial` (stream before the FFN, FFN output so far)."""
         for chunk in chunks[1:]:
-            x = kernels.ffn_step(self.cfg, self.mesh, self.part_slices, x, h, None, None, chunk)
+            x, partial = kernels.ffn_step(self.cfg, self.mesh, self.part_slices, post_ffn_norm, partial, h, None, None,
+                                          chunk)
         return x
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flashjax.config import ModelConfig
+from flashjax.config import ModelConfig, rope_inverse_frequencies
 from flashjax.model.matmul import weight_matmul, weight_rows
 from flashjax.quant import QuantizedMatrix
 
@@ -31,13 +31,15 @@ def _declared(module: nn.Module, name: str, shape, dtype=jnp.float32):
 
 
 class Norm(nn.Module):
-    """RMSNorm (Llama family) or LayerNorm (OPT), computed in float32."""
+    """RMSNorm (Llama family) or LayerNorm (OPT) over the last axis (d_model, or `dim`: a head's
+    query/key norm), computed in float32."""
 
     cfg: ModelConfig
+    dim: int | None = None
 
     @nn.compact
     def __call__(self, x):
-        d = self.cfg.d_model
+        d = self.dim or self.cfg.d_model
         scale = _declared(self, "scale", (d,))
         x32 = x.astype(jnp.float32)
         if self.cfg.norm == "rms":
@@ -64,6 +66,8 @@ class Embedder(nn.Module):
     def encode(self, tokens, positions):
         # [B, T, D]
         x = weight_rows(self.embedding, tokens)
+        if self.cfg.embed_scale is not None:
+            x = x * jnp.asarray(self.cfg.embed_scale, x.dtype)
         if not self.cfg.uses_rope:
             x = x + jnp.take(self.positions, positions + self.cfg.position_offset, axis=0)
         return x
@@ -71,17 +75,36 @@ class Embedder(nn.Module):
     def decode(self, x, lm_head=None):
         table = self.embedding if lm_head is None else lm_head
         # [B, T, V]
-        return weight_matmul(x, table)
+        return soft_cap(weight_matmul(x, table), self.cfg.final_softcap)
 
 
-def rope(x, positions, inv_freq):
-    """Rotary embedding, Hugging Face convention (rotate the two halves of each head)."""
-    # [B, T, H/2]
+def soft_cap(x, cap: float | None):
+    """cap * tanh(x / cap): Gemma's soft limit on the logits (None: x as is)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def rope(cfg: ModelConfig, x, positions):
+    """Rotary embedding of x [B, T, heads, H], Hugging Face convention: the first `rotary_width`
+    dimensions of each head rotated as two halves, the rest passed through (Phi-3's partial rotary).
+
+    LongRoPE picks its long frequencies when the call reaches past the pretraining length (as
+    transformers does, from the largest position of the call), and scales the rotation by its
+    attention factor."""
+    # Constants of the static config: folded into the compiled step.
+    inv_freq = jnp.asarray(rope_inverse_frequencies(cfg).astype("float32"))
+    scaling, factor = cfg.rope_scaling, 1.0
+    if scaling is not None and scaling[0] == "longrope":
+        long_inv_freq = jnp.asarray(rope_inverse_frequencies(cfg, long=True).astype("float32"))
+        inv_freq = jnp.where(jnp.max(positions) + 1 > scaling[3], long_inv_freq, inv_freq)
+        factor = scaling[4]
+    # [B, T, R/2]
     angles = positions[..., None].astype(jnp.float32) * inv_freq
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    cos = jnp.cos(angles)[:, :, None, :] * factor
+    sin = jnp.sin(angles)[:, :, None, :] * factor
+    x32 = x.astype(jnp.float32)
+    r = cfg.rotary_width
+    x1, x2 = jnp.split(x32[..., :r], 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x32[..., r:]], axis=-1)
     return rotated.astype(x.dtype)
 
 
@@ -96,7 +119,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, start, cache_k, cache_v, inv_freq):
+    def __call__(self, x, positions, start, cache_k, cache_v):
         c = self.cfg
         d, hd, n_q, n_kv = c.d_model, c.head_dim, c.n_heads, c.n_kv_heads
 
@@ -112,16 +135,21 @@ class Attention(nn.Module):
         q = project("wq", "bq", n_q * hd, c.qkv_bias).reshape(b, t, n_kv, c.q_per_kv, hd)
         k = project("wk", "bk", n_kv * hd, c.qkv_bias).reshape(b, t, n_kv, hd)
         v = project("wv", "bv", n_kv * hd, c.qkv_bias).reshape(b, t, n_kv, hd)
+        if c.qk_norm:
+            # Each head normalised over its own dimensions before the rotation (Qwen3, Gemma 3).
+            q = Norm(c, dim=hd, name="q_norm")(q)
+            k = Norm(c, dim=hd, name="k_norm")(k)
         if c.uses_rope:
-            q = rope(q.reshape(b, t, n_q, hd), positions, inv_freq).reshape(q.shape)
-            k = rope(k, positions, inv_freq)
+            q = rope(c, q.reshape(b, t, n_q, hd), positions).reshape(q.shape)
+            k = rope(c, k, positions)
 
         # [B, K, S, H]: kv heads outermost so the attention dots need no transpose of the cache.
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), (0, 0, start, 0))
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, start, 0))
 
         # [B, K, G, T, S]
-        scores = jnp.einsum("btkgh,bksh->bkgts", q, cache_k).astype(jnp.float32) * (hd ** -0.5)
+        scale = hd ** -0.5 if c.attn_scale is None else c.attn_scale
+        scores = jnp.einsum("btkgh,bksh->bkgts", q, cache_k).astype(jnp.float32) * scale
         slots = jnp.arange(cache_k.shape[2])
         visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
         if c.sliding_window is not None:
@@ -138,9 +166,17 @@ class Attention(nn.Module):
         return out, cache_k, cache_v
 
 
+def gate_activation(activation: str, gate):
+    """act(gate) of a gated FFN (`activation` one of config.GATED_ACTIVATIONS): SiLU (SwiGLU),
+    tanh-approximated GELU (Gemma's GeGLU) or exact GELU."""
+    if activation == "silu_glu":
+        return jax.nn.silu(gate)
+    return jax.nn.gelu(gate, approximate=activation == "gelu_tanh_glu")
+
+
 def ffn_activation(cfg: ModelConfig, gate, up):
-    """Per-neuron activation: silu(gate) * up for SwiGLU, relu(up) for OPT."""
-    return jax.nn.silu(gate) * up if cfg.is_glu else jax.nn.relu(up)
+    """Per-neuron activation: act(gate) * up for gated FFNs, relu(up) for OPT."""
+    return gate_activation(cfg.ffn_activation, gate) * up if cfg.is_glu else jax.nn.relu(up)
 
 
 def ffn_over_neurons(cfg: ModelConfig, h, neurons, live=None, on_activations=None):

@@ -6,7 +6,8 @@ one jitted call; the flash engine calls the same pieces layer by layer with a
 sparse FFN over neurons it reads from disk, so both share this code.
 
 Parameter tree: {"embed": {...}, "layers": [{"attn_norm", "attn", "ffn_norm",
-"ffn"}, ...], "final_norm": {...}, optional "lm_head"}. KV cache: a list with
+"ffn", and for Gemma "post_attn_norm", "post_ffn_norm"}, ...], "final_norm": {...},
+optional "lm_head"}. KV cache: a list with
 one (k, v) pair per layer, each [B, K, S, H].
 """
 
@@ -15,9 +16,8 @@ from __future__ import annotations
 from typing import Callable
 
 import jax.numpy as jnp
-import numpy as np
 
-from flashjax.config import ModelConfig, rope_inverse_frequencies
+from flashjax.config import ModelConfig
 from flashjax.model.layers import Attention, DenseFFN, Embedder, Norm
 
 
@@ -26,26 +26,32 @@ def init_kv_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
 
 
-def inverse_frequencies(cfg: ModelConfig):
-    # Derived from the static config, so it is a compile-time constant, not state.
-    if not cfg.uses_rope:
-        return None
-    return jnp.asarray(rope_inverse_frequencies(cfg).astype(np.float32))
-
-
 def embed(cfg: ModelConfig, params, tokens, positions):
     return Embedder(cfg).apply({"params": params["embed"]}, tokens, positions, method=Embedder.encode)
 
 
-def attention_block(cfg: ModelConfig, layer, x, positions, start, kv, inv_freq):
-    """x -> x + attention(norm(x)); returns the new residual stream and this layer's cache."""
+def attention_block(cfg: ModelConfig, layer, x, positions, start, kv):
+    """x -> x + attention(norm(x)) (through the post-attention norm where the architecture has one);
+    returns the new residual stream and this layer's cache. `cfg` is the layer's own
+    (`ModelConfig.layer_config`): its window and RoPE base."""
     h = Norm(cfg).apply({"params": layer["attn_norm"]}, x)
-    out, k, v = Attention(cfg).apply({"params": layer["attn"]}, h, positions, start, kv[0], kv[1], inv_freq)
+    out, k, v = Attention(cfg).apply({"params": layer["attn"]}, h, positions, start, kv[0], kv[1])
+    if cfg.sandwich_norm:
+        out = Norm(cfg).apply({"params": layer["post_attn_norm"]}, out)
     return x + out, (k, v)
 
 
 def ffn_input(cfg: ModelConfig, layer, x):
     return Norm(cfg).apply({"params": layer["ffn_norm"]}, x)
+
+
+def ffn_residual(cfg: ModelConfig, post_ffn_norm, x, out):
+    """x + the FFN's output `out`, through the post-FFN norm where the architecture has one (its
+    params `post_ffn_norm`, else None). The norm needs the whole output: partial sums are added
+    before it."""
+    if post_ffn_norm is not None:
+        out = Norm(cfg).apply({"params": post_ffn_norm}, out)
+    return x + out.astype(x.dtype)
 
 
 def dense_ffn(cfg: ModelConfig, ffn_params, h):
@@ -60,11 +66,10 @@ def final_logits(cfg: ModelConfig, params, x):
 def forward(cfg: ModelConfig, params, tokens, positions, start, cache,
             ffn: Callable = dense_ffn):
     """All layers over tokens [B, T] written at cache slots start..start+T; returns (hidden [B, T, D], cache)."""
-    inv_freq = inverse_frequencies(cfg)
     x = embed(cfg, params, tokens, positions)
     new_cache = []
-    for layer, kv in zip(params["layers"], cache):
-        x, kv = attention_block(cfg, layer, x, positions, start, kv, inv_freq)
-        x = x + ffn(cfg, layer["ffn"], ffn_input(cfg, layer, x))
+    for i, (layer, kv) in enumerate(zip(params["layers"], cache)):
+        x, kv = attention_block(cfg.layer_config(i), layer, x, positions, start, kv)
+        x = ffn_residual(cfg, layer.get("post_ffn_norm"), x, ffn(cfg, layer["ffn"], ffn_input(cfg, layer, x)))
         new_cache.append(kv)
     return x, new_cache

@@ -116,7 +116,7 @@ def calibrate(model_dir, texts: Sequence[str] | None = None, token_ids: Sequence
         gate_thr, metrics["gate"] = [], []
         for l in range(cfg.n_layers):
             ffn = params["layers"][l]["ffn"]
-            g = gate_magnitudes(acts[l].x, ffn["w_gate"], ffn.get("b_gate"))
+            g = gate_magnitudes(acts[l].x, ffn["w_gate"], cfg.ffn_activation, ffn.get("b_gate"))
             gate_thr.append(quantile_threshold(g, target) if target else 0.0)
             a = acts[l].a[test_rows]
             metrics["gate"].append(selection_metrics(g[test_rows] > gate_thr[l],

@@ -253,8 +253,9 @@ def _sample_top_k(logits, key, temperature, k: int = 50):
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _prefill_rows(cfg: ModelConfig, params, tokens, lengths, cache, key, temperature):
     # tokens [B, P] right-padded: a pad slot is only seen by later pad queries, and is overwritten
-    # by the row's own decode steps before any real query reaches it.
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    # by the row's own decode steps before any real query reaches it. Pads keep the row's last
+    # position (engine.prompt_positions: LongRoPE reads the largest).
+    positions = jnp.minimum(jnp.arange(tokens.shape[1])[None], (lengths - 1)[:, None])
     run = jax.vmap(lambda t, p, kv: _row_forward(cfg, params, t, p, 0, kv))
     logits, cache = run(tokens, positions, cache)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]

@@ -1,8 +1,10 @@
-"""The training-free SwiGLU path: keep each layer's gate projection resident, compute it exactly,
-and read only the up/down rows of the neurons whose |silu(gate)| clears a per-layer threshold.
+"""The training-free gate path of gated FFNs (SwiGLU, GeGLU): keep each layer's gate projection
+resident, compute it exactly, and read only the up/down rows of the neurons whose |act(gate)|
+clears a per-layer threshold. `activation` is the model's (config.GATED_ACTIVATIONS); SiLU and
+GELU are both near zero for negative gates, which is what the path relies on.
 
-The threshold is calibrated like the activation threshold, on |silu(gate)| instead of
-|silu(gate) * up|: the `target_sparsity` quantile over the calibration tokens. A threshold of 0
+The threshold is calibrated like the activation threshold, on |act(gate)| instead of
+|act(gate) * up|: the `target_sparsity` quantile over the calibration tokens. A threshold of 0
 keeps every neuron with a nonzero gate (in practice all of them), so the path then equals dense.
 
     selector = GateSelector.from_model(model_dir, thresholds)   # w_gate [F, D] per layer, resident
@@ -12,77 +14,81 @@ keeps every neuron with a nonzero gate (in practice all of them), so the path th
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flashjax.model.layers import gate_activation
 from flashjax.model.matmul import weight_matmul
 from flashjax.sparsity.predictor import _topk_rows, selection_metrics
 from flashjax.sparsity.thresholds import quantile_threshold
 
 
-def _gate_magnitude(w_gate, h, b_gate=None):
+def _gate_magnitude(w_gate, h, b_gate, activation: str):
     # [..., F]; w_gate [F, D] in any float dtype or quantized (the records' gate rows, as stored)
     g = weight_matmul(h.astype(jnp.float32), w_gate)
     if b_gate is not None:
         g = g + b_gate
-    return jnp.abs(jax.nn.silu(g))
+    return jnp.abs(gate_activation(activation, g))
 
 
-gate_magnitude = jax.jit(_gate_magnitude)
-gate_magnitude.__doc__ = "|silu(h @ w_gate.T + b_gate)| [..., F] for h [..., D], w_gate [F, D] (jitted)."
+gate_magnitude = jax.jit(_gate_magnitude, static_argnames=("activation",))
+gate_magnitude.__doc__ = "|act(h @ w_gate.T + b_gate)| [..., F] for h [..., D], w_gate [F, D] (jitted)."
 
 
-@jax.jit
-def gate_mask(w_gate, h, threshold, b_gate=None):
-    """bool [F]: neurons whose |silu(gate)| > threshold for any token of h [..., D]."""
-    m = _gate_magnitude(w_gate, h, b_gate)
+@functools.partial(jax.jit, static_argnames=("activation",))
+def gate_mask(w_gate, h, threshold, b_gate, activation: str):
+    """bool [F]: neurons whose |act(gate)| > threshold for any token of h [..., D]."""
+    m = _gate_magnitude(w_gate, h, b_gate, activation)
     return jnp.any(m.reshape(-1, m.shape[-1]) > threshold, axis=0)
 
 
-@jax.jit
-def gate_topk_mask(w_gate, h, k, b_gate=None):
-    """bool [F]: each token's k largest |silu(gate)| (union over tokens); k traced."""
-    m = _gate_magnitude(w_gate, h, b_gate)
+@functools.partial(jax.jit, static_argnames=("activation",))
+def gate_topk_mask(w_gate, h, k, b_gate, activation: str):
+    """bool [F]: each token's k largest |act(gate)| (union over tokens); k traced."""
+    m = _gate_magnitude(w_gate, h, b_gate, activation)
     return jnp.any(_topk_rows(m.reshape(-1, m.shape[-1]), k), axis=0)
 
 
-def gate_keep_ids(w_gate, h, threshold: float, b_gate=None) -> np.ndarray:
+def gate_keep_ids(w_gate, h, threshold: float, activation: str, b_gate=None) -> np.ndarray:
     """Sorted neuron ids (int64) kept by the gate path for h [..., D]."""
-    return np.flatnonzero(np.asarray(gate_mask(w_gate, h, np.float32(threshold), b_gate)))
+    return np.flatnonzero(np.asarray(gate_mask(w_gate, h, np.float32(threshold), b_gate, activation=activation)))
 
 
-def gate_magnitudes(x: np.ndarray, w_gate, b_gate=None, chunk: int = 4096) -> np.ndarray:
-    """|silu(gate)| [N, F] float32 of calibration inputs x [N, D], computed in chunks."""
+def gate_magnitudes(x: np.ndarray, w_gate, activation: str, b_gate=None, chunk: int = 4096) -> np.ndarray:
+    """|act(gate)| [N, F] float32 of calibration inputs x [N, D], computed in chunks."""
     w = jnp.asarray(w_gate)
     b = None if b_gate is None else jnp.asarray(b_gate)
-    return np.concatenate([np.asarray(gate_magnitude(w, jnp.asarray(x[i:i + chunk]), b))
+    return np.concatenate([np.asarray(gate_magnitude(w, jnp.asarray(x[i:i + chunk]), b, activation=activation))
                            for i in range(0, len(x), chunk)])
 
 
-def gate_threshold(x: np.ndarray, w_gate, target_sparsity: float | None, b_gate=None) -> float:
-    """The |silu(gate)| threshold that drops `target_sparsity` of (token, neuron) pairs of x [N, D]."""
+def gate_threshold(x: np.ndarray, w_gate, target_sparsity: float | None, activation: str, b_gate=None) -> float:
+    """The |act(gate)| threshold that drops `target_sparsity` of (token, neuron) pairs of x [N, D]."""
     if not target_sparsity:
         return 0.0
-    return quantile_threshold(gate_magnitudes(x, w_gate, b_gate), target_sparsity)
+    return quantile_threshold(gate_magnitudes(x, w_gate, activation, b_gate), target_sparsity)
 
 
-def gate_metrics(x: np.ndarray, w_gate, threshold: float, labels: np.ndarray, magnitudes: np.ndarray | None = None,
-                 b_gate=None) -> dict:
+def gate_metrics(x: np.ndarray, w_gate, threshold: float, labels: np.ndarray, activation: str,
+                 magnitudes: np.ndarray | None = None, b_gate=None) -> dict:
     """How well the gate path's choice matches the true active neurons (see `selection_metrics`)."""
-    return selection_metrics(gate_magnitudes(x, w_gate, b_gate) > threshold, labels, magnitudes)
+    return selection_metrics(gate_magnitudes(x, w_gate, activation, b_gate) > threshold, labels, magnitudes)
 
 
 @dataclasses.dataclass
 class GateSelector:
-    """Per layer: the resident gate projection w_gate [F, D] (+ b_gate [F]) and its threshold.
+    """Per layer: the resident gate projection w_gate [F, D] (+ b_gate [F]) and its threshold, for a
+    model whose gated activation is `activation`.
 
-    `top_k` (with `over_select`), when set, keeps each token's k largest |silu(gate)| instead of
+    `top_k` (with `over_select`), when set, keeps each token's k largest |act(gate)| instead of
     thresholding."""
 
     w_gate: list
     thresholds: np.ndarray
+    activation: str
     b_gate: list | None = None
     top_k: int | None = None
     over_select: float = 1.0
@@ -95,8 +101,10 @@ class GateSelector:
         b = None if self.b_gate is None else self.b_gate[layer]
         w = self.w_gate[layer]
         if self.top_k is not None:
-            return np.flatnonzero(np.asarray(gate_topk_mask(w, h, np.int32(self.k(layer)), b)))
-        return np.flatnonzero(np.asarray(gate_mask(w, h, np.float32(self.thresholds[layer]), b)))
+            return np.flatnonzero(np.asarray(gate_topk_mask(w, h, np.int32(self.k(layer)), b,
+                                                            activation=self.activation)))
+        return np.flatnonzero(np.asarray(gate_mask(w, h, np.float32(self.thresholds[layer]), b,
+                                                   activation=self.activation)))
 
     @property
     def nbytes(self) -> int:
@@ -108,8 +116,10 @@ class GateSelector:
     def from_model(cls, model_dir, thresholds, dtype=jnp.float32, **options) -> "GateSelector":
         """Reads every layer's gate rows out of a flash model's FFN records (a whole-layer read each,
         once, at load time) and keeps them on the device."""
+        from flashjax.store import read_manifest
+
         w, b = load_gate_weights(model_dir, dtype)
-        return cls(w, np.asarray(thresholds, np.float32), b, **options)
+        return cls(w, np.asarray(thresholds, np.float32), read_manifest(model_dir).config.ffn_activation, b, **options)
 
 
 def load_gate_weights(model_dir, dtype=jnp.float32) -> tuple[list, list | None]:
@@ -119,7 +129,7 @@ def load_gate_weights(model_dir, dtype=jnp.float32) -> tuple[list, list | None]:
 
     model = open_flash_model(model_dir, verify=False)
     if not model.config.is_glu:
-        raise ValueError(f"{model_dir}: the gate path needs a SwiGLU model; "
+        raise ValueError(f"{model_dir}: the gate path needs a gated FFN (SwiGLU, GeGLU); "
                          f"this one uses {model.config.ffn_activation}")
     from flashjax.store.model import part_weights
 

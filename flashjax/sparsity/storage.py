@@ -93,15 +93,16 @@ class Predictors:
         return self._ids(self.lookahead[layer], layer, h_prev, selection)
 
     def gate_ids(self, layer: int, h, w_gate, b_gate=None, selection: Selection | None = None) -> np.ndarray:
-        """The gate path: neurons whose |silu(h @ w_gate.T)| clears the calibrated threshold (or the
+        """The gate path: neurons whose |act(h @ w_gate.T)| clears the calibrated threshold (or the
         top-k of them with a "topk" selection). w_gate [F, D] is the layer's resident gate rows."""
         if self.gate_thresholds is None:
-            raise PredictorsError("no gate thresholds: the gate path is for SwiGLU models")
-        sel = selection or self.selection
+            raise PredictorsError("no gate thresholds: the gate path is for gated FFNs (SwiGLU, GeGLU)")
+        sel, activation = selection or self.selection, self.config.ffn_activation
         if sel.mode == "topk":
             k = sel.k(self.config.d_ffn, float(self.active_counts[layer]))
-            return np.flatnonzero(np.asarray(gate_topk_mask(w_gate, h, np.int32(k), b_gate)))
-        return np.flatnonzero(np.asarray(gate_mask(w_gate, h, np.float32(self.gate_thresholds[layer]), b_gate)))
+            return np.flatnonzero(np.asarray(gate_topk_mask(w_gate, h, np.int32(k), b_gate, activation=activation)))
+        return np.flatnonzero(np.asarray(gate_mask(w_gate, h, np.float32(self.gate_thresholds[layer]), b_gate,
+                                                   activation=activation)))
 
     def _ids(self, params, layer, h, selection):
         sel = selection or self.selection

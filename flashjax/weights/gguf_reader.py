@@ -3,47 +3,46 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import numpy as np
 
 from flashjax.config import ModelConfig, UnsupportedModelError
 from flashjax.weights.errors import CheckpointError
+from flashjax.weights.gguf_format import GGUFContainer, GGUFFormatError
 
 # GGUF architecture name -> flashjax architecture. Mistral GGUFs say "llama".
-_GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
+               "phi3": "phi3"}
+# llama.cpp's Gemma 3: every sixth layer global, the sliding layers' RoPE base fixed (llama-model.cpp).
+GEMMA3_SLIDING_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 
 
 class GGUFFile:
-    """A GGUF file opened with the `gguf` package (memory-mapped; tensors read lazily)."""
+    """A GGUF file, memory-mapped (weights/gguf_format.py); tensors are dequantized when read."""
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise CheckpointError(f"{self.path}: file not found")
-        try:
-            self._reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the gguf package raises bare ValueError/IndexError on truncation
-            raise CheckpointError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        size = os.path.getsize(self.path)
-        for t in self._reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise CheckpointError(f"{self.path}: truncated file: tensor {t.name!r} ends at byte "
-                                      f"{t.data_offset + t.n_bytes} but the file has {size} bytes")
+        try:  # also checks that every tensor's data lies inside the file
+            self._gguf = GGUFContainer(self.path)
+        except GGUFFormatError as e:
+            raise CheckpointError(str(e)) from None
+        self._tensors = self._gguf.tensors
 
     def field(self, key: str, default=None):
-        f = self._reader.fields.get(key)
-        return default if f is None else f.contents()
+        """A metadata value (int, float, bool, str or list; lists are shared: do not modify them)."""
+        return self._gguf.fields.get(key, default)
 
     def names(self) -> list[str]:
         return list(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
         # GGUF lists dimensions fastest-first; numpy order is the reverse.
-        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+        return self._tensors[name].shape
 
     def read(self, name: str) -> np.ndarray:
         import gguf
@@ -94,11 +93,12 @@ class GGUFFile:
         d_model = int(need("embedding_length"))
         vocab = self.field(f"{arch}.vocab_size")
         if vocab is None:
-            if "tokenizer.ggml.tokens" not in self._reader.fields:
+            if "tokenizer.ggml.tokens" not in self._gguf.fields:
                 raise CheckpointError(f"{self.path}: GGUF metadata has neither {arch}.vocab_size nor "
                                       f"tokenizer.ggml.tokens, so the vocabulary size is unknown")
-            vocab = len(self._reader.fields["tokenizer.ggml.tokens"].data)
+            vocab = len(self._gguf.fields["tokenizer.ggml.tokens"])
         head_dim = int(self.field(f"{arch}.attention.key_length") or d_model // n_heads)
+        n_layers = int(need("block_count"))
         scaling = None
         if self.field(f"{arch}.rope.scaling.type") == "linear":
             scaling = ("linear", float(self.field(f"{arch}.rope.scaling.factor")))
@@ -106,13 +106,41 @@ class GGUFFile:
         eot = self.field("tokenizer.ggml.eot_token_id")
         eos_ids = tuple(dict.fromkeys(int(i) for i in (eos, eot) if i is not None))
         bos = self.field("tokenizer.ggml.bos_token_id")
+        max_position = int(need("context_length"))
+        extra = {}
+        if arch == "qwen3":
+            extra = dict(qk_norm=True)
+        elif arch == "gemma3":
+            # llama.cpp scales queries by 1/sqrt(head_dim) except on the 27B (62 layers), whose
+            # query_pre_attn_scalar is d_model / n_heads; its files store the norms as 1 + weight.
+            scalar = d_model // n_heads if n_layers == 62 else head_dim
+            extra = dict(ffn_activation="gelu_tanh_glu", qk_norm=True, sandwich_norm=True,
+                         embed_scale=float(d_model) ** 0.5, attn_scale=float(scalar) ** -0.5,
+                         sliding_window=int(need("attention.sliding_window")),
+                         layer_types=tuple("sliding" if (i + 1) % GEMMA3_SLIDING_PATTERN else "full"
+                                           for i in range(n_layers)),
+                         local_rope_theta=GEMMA3_LOCAL_ROPE_THETA,
+                         final_softcap=self.field(f"{arch}.final_logit_softcapping"))
+        elif arch == "phi3":
+            rotary = self.field(f"{arch}.rope.dimension_count")
+            window = self.field(f"{arch}.attention.sliding_window")
+            extra = dict(rotary_dim=None if rotary in (None, head_dim) else int(rotary),
+                         sliding_window=int(window) if window else None)
+            if "rope_factors_long.weight" in self._tensors:
+                original = int(self.field(f"{arch}.rope.scaling.original_context_length") or max_position)
+                factor = self.field(f"{arch}.rope.scaling.attn_factor")
+                if factor is None:
+                    ratio = max_position / original
+                    factor = 1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(original))
+                scaling = ("longrope", tuple(float(v) for v in self.read("rope_factors_short.weight")),
+                           tuple(float(v) for v in self.read("rope_factors_long.weight")), original, float(factor))
         return ModelConfig(
             architecture=_GGUF_ARCHS[arch], vocab_size=int(vocab), d_model=d_model,
-            n_layers=int(need("block_count")), n_heads=n_heads,
+            n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=int(self.field(f"{arch}.attention.head_count_kv") or n_heads), head_dim=head_dim,
-            d_ffn=int(need("feed_forward_length")), max_position=int(need("context_length")),
-            norm="rms", norm_eps=float(need("attention.layer_norm_rms_epsilon")), ffn_activation="silu_glu",
+            d_ffn=int(need("feed_forward_length")), max_position=max_position,
+            norm="rms", norm_eps=float(need("attention.layer_norm_rms_epsilon")),
             qkv_bias="blk.0.attn_q.bias" in self._tensors, o_bias="blk.0.attn_output.bias" in self._tensors,
             tie_embeddings="output.weight" not in self._tensors,
             rope_theta=float(self.field(f"{arch}.rope.freq_base") or 10000.0), rope_scaling=scaling,
-            bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids)
+            bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids, **extra)

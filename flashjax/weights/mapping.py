@@ -1,9 +1,12 @@
 """Checkpoint tensor names -> flashjax parameter paths, written as data.
 
-Each row: (flashjax path, Hugging Face name, GGUF name, needed-when). `{i}` is
-the layer index. A per-tensor hook (`_gguf_unpermute`) undoes the reordering
-llama.cpp's converter applies to q/k projections of the architectures listed in
-`GGUF_ROTARY_INTERLEAVED`; everything else is copied as stored.
+Each row: (flashjax path, Hugging Face name, GGUF name, needed-when[, fused part]). `{i}` is
+the layer index. A fused part (group, index) takes rows of a fused checkpoint tensor: Phi-3 stores
+q, k and v as one `qkv_proj` and gate and up as one `gate_up_proj`; `FUSED_ROWS` gives each group's
+row counts. Per-tensor hooks: `_gguf_unpermute` undoes the reordering llama.cpp's converter applies
+to q/k projections of the architectures listed in `GGUF_ROTARY_INTERLEAVED`, and Gemma's Hugging
+Face norm weights get 1 added (flashjax, like llama.cpp's GGUF files, holds the multiplier
+1 + weight); everything else is copied as stored.
 All weight matrices keep the Hugging Face layout [out_features, in_features].
 """
 
@@ -22,6 +25,7 @@ _o_bias = lambda c: c.o_bias
 _ffn_bias = lambda c: c.ffn_bias
 _untied = lambda c: not c.tie_embeddings
 _glu = lambda c: c.is_glu
+_qk_norm = lambda c: c.qk_norm
 
 LLAMA_TABLE = [
     ("embed.embedding", "model.embed_tokens.weight", "token_embd.weight", _always),
@@ -36,6 +40,8 @@ LLAMA_TABLE = [
     ("layers.{i}.attn.bk", "model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias", _qkv_bias),
     ("layers.{i}.attn.bv", "model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias", _qkv_bias),
     ("layers.{i}.attn.bo", "model.layers.{i}.self_attn.o_proj.bias", "blk.{i}.attn_output.bias", _o_bias),
+    ("layers.{i}.attn.q_norm.scale", "model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight", _qk_norm),
+    ("layers.{i}.attn.k_norm.scale", "model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight", _qk_norm),
     ("layers.{i}.ffn_norm.scale", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", _always),
     ("layers.{i}.ffn.w_gate", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", _always),
     ("layers.{i}.ffn.w_up", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", _always),
@@ -44,6 +50,56 @@ LLAMA_TABLE = [
     ("layers.{i}.ffn.b_up", "model.layers.{i}.mlp.up_proj.bias", None, _ffn_bias),
     ("layers.{i}.ffn.b_down", "model.layers.{i}.mlp.down_proj.bias", None, _ffn_bias),
 ]
+
+# Gemma 3: norms before and after attention and the FFN (Hugging Face's post_attention_layernorm is
+# the norm *after* attention here, not the FFN's input norm as in Llama).
+GEMMA3_TABLE = [
+    ("embed.embedding", "model.embed_tokens.weight", "token_embd.weight", _always),
+    ("final_norm.scale", "model.norm.weight", "output_norm.weight", _always),
+    ("lm_head", "lm_head.weight", "output.weight", _untied),
+    ("layers.{i}.attn_norm.scale", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", _always),
+    ("layers.{i}.attn.wq", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight", _always),
+    ("layers.{i}.attn.wk", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight", _always),
+    ("layers.{i}.attn.wv", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight", _always),
+    ("layers.{i}.attn.wo", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight", _always),
+    ("layers.{i}.attn.bq", "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias", _qkv_bias),
+    ("layers.{i}.attn.bk", "model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias", _qkv_bias),
+    ("layers.{i}.attn.bv", "model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias", _qkv_bias),
+    ("layers.{i}.attn.bo", "model.layers.{i}.self_attn.o_proj.bias", "blk.{i}.attn_output.bias", _o_bias),
+    ("layers.{i}.attn.q_norm.scale", "model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight", _always),
+    ("layers.{i}.attn.k_norm.scale", "model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight", _always),
+    ("layers.{i}.post_attn_norm.scale", "model.layers.{i}.post_attention_layernorm.weight",
+     "blk.{i}.post_attention_norm.weight", _always),
+    ("layers.{i}.ffn_norm.scale", "model.layers.{i}.pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight", _always),
+    ("layers.{i}.post_ffn_norm.scale", "model.layers.{i}.post_feedforward_layernorm.weight",
+     "blk.{i}.post_ffw_norm.weight", _always),
+    ("layers.{i}.ffn.w_gate", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", _always),
+    ("layers.{i}.ffn.w_up", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", _always),
+    ("layers.{i}.ffn.w_down", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", _always),
+]
+
+# Phi-3 / Phi-4-mini: fused projections, split at load. llama.cpp keeps them fused too (attn_qkv, and
+# gate_up as ffn_up of twice the width), in the same row order.
+PHI3_TABLE = [
+    ("embed.embedding", "model.embed_tokens.weight", "token_embd.weight", _always),
+    ("final_norm.scale", "model.norm.weight", "output_norm.weight", _always),
+    ("lm_head", "lm_head.weight", "output.weight", _untied),
+    ("layers.{i}.attn_norm.scale", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", _always),
+    ("layers.{i}.attn.wq", "model.layers.{i}.self_attn.qkv_proj.weight", "blk.{i}.attn_qkv.weight", _always, ("qkv", 0)),
+    ("layers.{i}.attn.wk", "model.layers.{i}.self_attn.qkv_proj.weight", "blk.{i}.attn_qkv.weight", _always, ("qkv", 1)),
+    ("layers.{i}.attn.wv", "model.layers.{i}.self_attn.qkv_proj.weight", "blk.{i}.attn_qkv.weight", _always, ("qkv", 2)),
+    ("layers.{i}.attn.wo", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight", _always),
+    ("layers.{i}.ffn_norm.scale", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", _always),
+    ("layers.{i}.ffn.w_gate", "model.layers.{i}.mlp.gate_up_proj.weight", "blk.{i}.ffn_up.weight", _always, ("gate_up", 0)),
+    ("layers.{i}.ffn.w_up", "model.layers.{i}.mlp.gate_up_proj.weight", "blk.{i}.ffn_up.weight", _always, ("gate_up", 1)),
+    ("layers.{i}.ffn.w_down", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", _always),
+]
+
+def fused_rows(cfg: ModelConfig, group: str) -> list[int]:
+    """Row counts of the parts of a fused tensor, in the order stored."""
+    hd = cfg.head_dim
+    return {"qkv": [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd],
+            "gate_up": [cfg.d_ffn, cfg.d_ffn]}[group]
 
 OPT_TABLE = [
     ("embed.embedding", "model.decoder.embed_tokens.weight", None, _always),
@@ -70,6 +126,10 @@ OPT_TABLE = [
 ]
 
 
+TABLES = {"llama": LLAMA_TABLE, "mistral": LLAMA_TABLE, "qwen2": LLAMA_TABLE, "qwen3": LLAMA_TABLE,
+          "gemma3": GEMMA3_TABLE, "phi3": PHI3_TABLE, "opt": OPT_TABLE}
+
+
 # Whether llama.cpp's converter (convert_hf_to_gguf.py) interleaved the two rotary halves of each
 # head's attn_q/attn_k rows, per flashjax architecture read from GGUF. Its `LlamaModel.permute` runs
 # only for the Llama family (LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM; GGUF
@@ -80,12 +140,17 @@ OPT_TABLE = [
 GGUF_ROTARY_INTERLEAVED = {
     "llama": True,
     "qwen2": False,
+    "qwen3": False,
+    "gemma3": False,
+    "phi3": False,
 }
 
 
 def expected_shape(cfg: ModelConfig, path: str) -> tuple[int, ...]:
     """The shape flashjax needs for a parameter path (after any hook)."""
     d, f, hd, v = cfg.d_model, cfg.d_ffn, cfg.head_dim, cfg.vocab_size
+    if path.endswith(("q_norm.scale", "k_norm.scale")):
+        return (hd,)
     leaf = path.rsplit(".", 1)[-1]
     shapes = {
         "embedding": (v, d), "positions": (cfg.max_position + cfg.position_offset, d), "lm_head": (v, d),
@@ -119,20 +184,43 @@ def _gguf_hook(cfg: ModelConfig, path: str) -> Callable | None:
     return None
 
 
+def _plus_one(w: np.ndarray) -> np.ndarray:
+    return w + np.float32(1.0)
+
+
+def _rows(start: int, stop: int) -> Callable[[np.ndarray], np.ndarray]:
+    def hook(w: np.ndarray) -> np.ndarray:
+        return w[start:stop]
+    return hook
+
+
+def _hook(cfg: ModelConfig, path: str, fmt: str, fused) -> Callable | None:
+    """The one transform a tensor needs on its way in (at most one applies to any tensor)."""
+    if fused is not None:
+        group, index = fused
+        sizes = fused_rows(cfg, group)
+        return _rows(sum(sizes[:index]), sum(sizes[:index + 1]))
+    if fmt == "gguf":
+        return _gguf_hook(cfg, path)
+    if cfg.architecture == "gemma3" and path.endswith(".scale"):
+        return _plus_one
+    return None
+
+
 def tensor_plan(cfg: ModelConfig, fmt: str) -> Iterator[tuple[str, str, Callable | None]]:
     """Yields (flashjax path, checkpoint name, hook) for every tensor the model needs.
 
-    `fmt` is "hf" or "gguf".
+    `fmt` is "hf" or "gguf". A fused checkpoint tensor is named once per part it feeds.
     """
-    table = OPT_TABLE if cfg.architecture == "opt" else LLAMA_TABLE
     column = 1 if fmt == "hf" else 2
-    for row in table:
+    for row in TABLES[cfg.architecture]:
         path, name, needed = row[0], row[column], row[3]
+        fused = row[4] if len(row) > 4 else None
         if not needed(cfg) or (path.endswith("w_gate") and not cfg.is_glu):
             continue
         if name is None:
             raise ValueError(f"{path} has no {fmt} name for architecture {cfg.architecture}")
-        hook = _gguf_hook(cfg, path) if fmt == "gguf" else None
+        hook = _hook(cfg, path, fmt, fused)
         layers = range(cfg.n_layers) if "{i}" in path else [None]
         for i in layers:
             if i is None:
