@@ -13,7 +13,8 @@ import sys
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
-                   help="built-in name (smollm2, qwen2.5-coder-0.5b), a Hugging Face model directory, a .gguf file, "
+                   help="built-in name (smollm2, qwen2.5-coder-0.5b), a Hugging Face model directory or Hub id "
+                        "(ORG/NAME, ORG/NAME:FILE.gguf, from the HF cache or downloaded), a .gguf file, "
                         "or a directory written by `flashjax convert`")
     p.add_argument("--max-context", type=int, default=None, help="cap the context length (default: the model's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

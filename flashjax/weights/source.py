@@ -63,6 +63,9 @@ def open_checkpoint(spec: str | os.PathLike) -> ModelSource:
     if spec in BUILTIN_MODELS:
         from flashjax.hub import default_model_path
         spec = str(default_model_path(spec))
+    elif not os.path.exists(spec):  # a local path wins over the Hugging Face Hub id of the same name
+        from flashjax.hf_hub import resolve_hub_spec
+        spec = resolve_hub_spec(spec) or spec  # ORG/NAME[@REV][:FILE.gguf]: its files in the HF cache
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, FLASH_MANIFEST)):
         raise CheckpointError(f"{spec} is a model converted by `flashjax convert`, not a checkpoint: open it with "
                               f"flashjax.store.open_model_source (or flashjax.load)")
@@ -70,11 +73,12 @@ def open_checkpoint(spec: str | os.PathLike) -> ModelSource:
         return _open_hf_dir(spec)
     if spec.endswith(".gguf") or os.path.isfile(spec):
         return _open_gguf(spec)
-    raise CheckpointError(f"{spec}: no such model. --model takes a built-in name "
-                          f"({', '.join(BUILTIN_MODELS)}), a Hugging Face model directory, or a .gguf file")
+    raise CheckpointError(f"{spec}: no such model. --model takes a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                          f"a Hugging Face model directory, a .gguf file, or a Hugging Face Hub id "
+                          f"(ORG/NAME, ORG/NAME:FILE.gguf)")
 
 
-BUILTIN_MODELS = ("smollm2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+BUILTIN_MODELS = ("smollm2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma3-270m")
 FLASH_MANIFEST = "manifest.json"  # what marks a converted model directory (flashjax.store.manifest.MANIFEST_NAME)
 
 
