@@ -148,6 +148,13 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
         """Builds a config from a Hugging Face `config.json` dictionary."""
+        if hf.get("model_type") == "gemma3":
+            # Gemma 3 4B-27B are image-text checkpoints: flashjax runs their language model (its
+            # config is text_config; weights.source maps the tensor names), text in, text out.
+            if not isinstance(hf.get("text_config"), Mapping):
+                raise UnsupportedModelError(f"{source}: a Gemma 3 image-text config without text_config")
+            hf = dict(hf["text_config"], model_type="gemma3_text",
+                      tie_word_embeddings=hf.get("tie_word_embeddings", hf["text_config"].get("tie_word_embeddings", True)))
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise UnsupportedModelError(

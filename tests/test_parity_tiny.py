@@ -133,3 +133,31 @@ def test_parity_fails_for_a_wrong_model_detail(tiny_model, wrong):
     ids = random_ids(24, cfg.vocab_size, seed=1)
     error = np.abs(LLM(cfg, params, None).logits(ids) - _reference_logits(reference, ids)).max()
     assert error > 10 * TOL, f"{name}: a wrong {wrong} moved logits by only {error:.2e}"
+
+
+def test_gemma3_image_text_checkpoint_runs_its_language_model(tmp_path):
+    """Gemma 3 4B-27B are image-text checkpoints (Gemma3ForConditionalGeneration: model_type "gemma3",
+    the language model's config as text_config, its tensors under language_model.): flashjax runs
+    the language model, with the logits transformers gives the whole model for text."""
+    import transformers
+
+    from conftest import TINY, TINY_COMMON, sharpen_for_parity
+    from flashjax.api import LLM
+
+    torch.manual_seed(13)
+    text = dict(TINY_COMMON, **TINY["gemma3"][2])
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=127, boi_token_index=125, eoi_token_index=126)
+    reference = transformers.Gemma3ForConditionalGeneration(config).eval()
+    sharpen_for_parity(reference)
+    reference.save_pretrained(tmp_path)
+    cfg, params = _load(tmp_path)
+    assert cfg.architecture == "gemma3" and cfg.layer_types == ("sliding", "full")
+    ids = random_ids(20, 120, seed=4)
+    ours = LLM(cfg, params, None).logits(ids)
+    # The image-text model's text path rounds a little differently: transformers' own
+    # Gemma3ForCausalLM with these weights is 1.4e-4 from it at most, as flashjax is (which equals
+    # Gemma3ForCausalLM to 1e-4 above); a misread tensor moves logits by orders of magnitude more.
+    np.testing.assert_allclose(ours, _reference_logits(reference, ids), atol=2 * TOL, rtol=0)

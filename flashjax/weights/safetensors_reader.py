@@ -52,6 +52,11 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def add_alias(self, alias: str, name: str) -> None:
+        """Makes tensor `name` readable as `alias` too (checkpoints that nest the same tensors under
+        another prefix)."""
+        self._entries[alias] = self._entries[name]
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
 

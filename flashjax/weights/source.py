@@ -120,10 +120,17 @@ def _open_hf_dir(path: str) -> ModelSource:
     else:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
                               f"(only safetensors checkpoints are supported)")
-    # Some OPT checkpoints name tensors without the leading "model." prefix.
+    # Some OPT checkpoints name tensors without the leading "model." prefix; Gemma 3's image-text
+    # checkpoints hold the language model under language_model (transformers' two spellings).
+    prefixes = {"opt": (("decoder.", "model.decoder."),),
+                "gemma3": (("language_model.model.", "model."), ("model.language_model.", "model."),
+                           ("language_model.lm_head.", "lm_head."))}.get(cfg.architecture, ())
     for name in list(files):
-        if cfg.architecture == "opt" and name.startswith("decoder."):
-            files["model." + name] = files[name]
+        for prefix, ours in prefixes:
+            if name.startswith(prefix):
+                alias = ours + name[len(prefix):]
+                files[alias] = files[name]
+                files[alias].add_alias(alias, name)
 
     def tokenizer():
         from flashjax.tokenizer import Tokenizer
