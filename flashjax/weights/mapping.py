@@ -51,32 +51,17 @@ LLAMA_TABLE = [
     ("layers.{i}.ffn.b_down", "model.layers.{i}.mlp.down_proj.bias", None, _ffn_bias),
 ]
 
-# Gemma 3: norms before and after attention and the FFN (Hugging Face's post_attention_layernorm is
+# Gemma 3: the Llama rows (embeddings, head, attention with its q/k norms, FFN), with norms before and
+# after attention and the FFN in place of Llama's FFN norm (Hugging Face's post_attention_layernorm is
 # the norm *after* attention here, not the FFN's input norm as in Llama).
-GEMMA3_TABLE = [
-    ("embed.embedding", "model.embed_tokens.weight", "token_embd.weight", _always),
-    ("final_norm.scale", "model.norm.weight", "output_norm.weight", _always),
-    ("lm_head", "lm_head.weight", "output.weight", _untied),
-    ("layers.{i}.attn_norm.scale", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", _always),
-    ("layers.{i}.attn.wq", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight", _always),
-    ("layers.{i}.attn.wk", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight", _always),
-    ("layers.{i}.attn.wv", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight", _always),
-    ("layers.{i}.attn.wo", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight", _always),
-    ("layers.{i}.attn.bq", "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias", _qkv_bias),
-    ("layers.{i}.attn.bk", "model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias", _qkv_bias),
-    ("layers.{i}.attn.bv", "model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias", _qkv_bias),
-    ("layers.{i}.attn.bo", "model.layers.{i}.self_attn.o_proj.bias", "blk.{i}.attn_output.bias", _o_bias),
-    ("layers.{i}.attn.q_norm.scale", "model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight", _always),
-    ("layers.{i}.attn.k_norm.scale", "model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight", _always),
+_LLAMA_FFN_NORM = next(i for i, row in enumerate(LLAMA_TABLE) if row[0] == "layers.{i}.ffn_norm.scale")
+GEMMA3_TABLE = LLAMA_TABLE[:_LLAMA_FFN_NORM] + [
     ("layers.{i}.post_attn_norm.scale", "model.layers.{i}.post_attention_layernorm.weight",
      "blk.{i}.post_attention_norm.weight", _always),
     ("layers.{i}.ffn_norm.scale", "model.layers.{i}.pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight", _always),
     ("layers.{i}.post_ffn_norm.scale", "model.layers.{i}.post_feedforward_layernorm.weight",
      "blk.{i}.post_ffw_norm.weight", _always),
-    ("layers.{i}.ffn.w_gate", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", _always),
-    ("layers.{i}.ffn.w_up", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", _always),
-    ("layers.{i}.ffn.w_down", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", _always),
-]
+] + LLAMA_TABLE[_LLAMA_FFN_NORM + 1:]
 
 # Phi-3 / Phi-4-mini: fused projections, split at load. llama.cpp keeps them fused too (attn_qkv, and
 # gate_up as ffn_up of twice the width), in the same row order.
