@@ -11,11 +11,13 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "opt")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "opt",
+                           "mixtral", "olmoe", "qwen3_moe")
 SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "longrope")
 # Hugging Face model_type -> flashjax architecture (Gemma 3's text-only checkpoints say "gemma3_text").
 HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-                  "gemma3_text": "gemma3", "phi3": "phi3", "opt": "opt"}
+                  "gemma3_text": "gemma3", "phi3": "phi3", "opt": "opt",
+                  "mixtral": "mixtral", "olmoe": "olmoe", "qwen3_moe": "qwen3_moe"}
 # FFN activations: the gated ones multiply act(gate) by up (SwiGLU, GeGLU); "relu" is OPT's ungated FFN.
 GATED_ACTIVATIONS = ("silu_glu", "gelu_tanh_glu", "gelu_glu")
 FFN_ACTIVATIONS = GATED_ACTIVATIONS + ("relu",)
@@ -77,6 +79,14 @@ class ModelConfig:
     embed_scale: float | None = None  # token embeddings multiplied by this (Gemma: sqrt(d_model))
     attn_scale: float | None = None  # attention scores' scale; None: head_dim ** -0.5
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma)
+    # Mixture of experts (Mixtral, OLMoE, Qwen3-MoE); 0: a dense FFN. A layer's FFN is its experts'
+    # neurons laid end to end: d_ffn = n_experts * expert_ffn, expert e owning neurons
+    # e * expert_ffn .. (e + 1) * expert_ffn - 1. So records, caches and reads see one FFN, in which an
+    # expert is a contiguous range, and the router's weights scale each neuron by its expert's weight.
+    n_experts: int = 0
+    experts_per_token: int = 0
+    router_renormalize: bool = False  # the top-k weights rescaled to sum to 1 (Mixtral; norm_topk_prob)
+    qk_norm_whole: bool = False  # OLMoE: one RMSNorm over all query (key) heads together, not per head
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -96,6 +106,23 @@ class ModelConfig:
                                         f"layers, got {self.layer_types}")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise UnsupportedModelError(f"rotary_dim {self.rotary_dim} must be even and within the head ({self.head_dim})")
+        if self.n_experts:
+            if self.n_experts < 0 or self.d_ffn % self.n_experts:
+                raise UnsupportedModelError(f"d_ffn {self.d_ffn} is not {self.n_experts} experts of equal size")
+            if not 0 < self.experts_per_token <= self.n_experts:
+                raise UnsupportedModelError(f"experts_per_token must be in 1..{self.n_experts}, "
+                                            f"got {self.experts_per_token}")
+            if not self.is_glu:
+                raise UnsupportedModelError("mixture-of-experts models must have gated experts")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def expert_ffn(self) -> int:
+        """Neurons per expert (the whole FFN for a dense model)."""
+        return self.d_ffn // self.n_experts if self.n_experts else self.d_ffn
 
     @property
     def is_glu(self) -> bool:
@@ -135,8 +162,9 @@ class ModelConfig:
         ffn = d * f * (3 if self.is_glu else 2) + ((f + d) if self.ffn_bias else 0)
         norms = (4 if self.sandwich_norm else 2) * d * (2 if self.norm == "layer" else 1)
         if self.qk_norm:
-            norms += 2 * hd
-        per_layer = attn + ffn + norms
+            norms += (self.n_heads + self.n_kv_heads) * hd if self.qk_norm_whole else 2 * hd
+        router = self.n_experts * d
+        per_layer = attn + ffn + norms + router
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         if not self.uses_rope:
             embed += (self.max_position + self.position_offset) * d
@@ -188,9 +216,9 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or common["d_model"] // common["n_heads"]
         max_position = hf.get("max_position_embeddings", 2048)
         sliding = None
-        if arch in ("mistral", "phi3", "gemma3"):
+        if arch in ("mistral", "mixtral", "phi3", "gemma3"):
             sliding = hf.get("sliding_window")
-        elif arch in ("qwen2", "qwen3") and hf.get("use_sliding_window", False):
+        elif arch in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window", False):
             sliding = hf.get("sliding_window")
         rope_params = hf.get("rope_parameters") or {}
         extra = {}
@@ -217,12 +245,16 @@ class ModelConfig:
         else:
             rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
             scaling = hf.get("rope_scaling") or rope_params
-            extra = dict(qk_norm=arch == "qwen3")
+            extra = dict(qk_norm=arch in ("qwen3", "qwen3_moe", "olmoe"), qk_norm_whole=arch == "olmoe")
+        d_ffn = hf["intermediate_size"]
+        if arch in ("mixtral", "olmoe", "qwen3_moe"):
+            extra.update(_moe_fields(hf, arch, source))
+            d_ffn = extra["n_experts"] * (hf["moe_intermediate_size"] if arch == "qwen3_moe" else d_ffn)
         partial = hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
         rotary_dim = int(head_dim * partial) if partial != 1.0 else None
         original_max = hf.get("original_max_position_embeddings") or (scaling or {}).get("original_max_position_embeddings")
         return cls(architecture=arch, n_kv_heads=n_kv, head_dim=head_dim,
-                   d_ffn=hf["intermediate_size"], max_position=max_position,
+                   d_ffn=d_ffn, max_position=max_position,
                    norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), ffn_activation=_HF_GATED_ACTIVATIONS[act],
                    qkv_bias=bool(hf.get("attention_bias", arch == "qwen2")),
                    o_bias=bool(hf.get("attention_bias", False)) and arch != "qwen2",
@@ -230,6 +262,23 @@ class ModelConfig:
                    rope_theta=float(rope_theta),
                    rope_scaling=_rope_scaling(scaling, source, max_position, original_max),
                    sliding_window=sliding, rotary_dim=rotary_dim, **extra, **common)
+
+
+def _moe_fields(hf: Mapping[str, Any], arch: str, source: str) -> dict:
+    """The router's fields of a mixture-of-experts config (Mixtral, OLMoE, Qwen3-MoE)."""
+    if arch == "olmoe" and hf.get("clip_qkv") is not None:
+        raise UnsupportedModelError(f"{source}: OLMoE with clip_qkv is not supported")
+    if arch == "qwen3_moe" and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
+        raise UnsupportedModelError(f"{source}: Qwen3-MoE with dense layers among the expert layers "
+                                    f"(mlp_only_layers, decoder_sparse_step) is not supported")
+    # Hub configs say num_local_experts (Mixtral) or num_experts; transformers 5 writes the former for all.
+    n_experts = hf.get("num_local_experts") or hf.get("num_experts")
+    if not n_experts or "num_experts_per_tok" not in hf:
+        raise UnsupportedModelError(f"{source}: a mixture-of-experts config without num_experts and num_experts_per_tok")
+    # Mixtral always renormalizes its top-k weights; OLMoE and Qwen3-MoE say so in norm_topk_prob.
+    renormalize = True if arch == "mixtral" else bool(hf.get("norm_topk_prob", False))
+    return dict(n_experts=int(n_experts), experts_per_token=int(hf["num_experts_per_tok"]),
+                router_renormalize=renormalize)
 
 
 def _rope_scaling(scaling: Mapping[str, Any] | None, source: str, max_position: int = 0,

@@ -135,7 +135,11 @@ class Attention(nn.Module):
         q = project("wq", "bq", n_q * hd, c.qkv_bias).reshape(b, t, n_kv, c.q_per_kv, hd)
         k = project("wk", "bk", n_kv * hd, c.qkv_bias).reshape(b, t, n_kv, hd)
         v = project("wv", "bv", n_kv * hd, c.qkv_bias).reshape(b, t, n_kv, hd)
-        if c.qk_norm:
+        if c.qk_norm and c.qk_norm_whole:
+            # OLMoE: all query (key) heads normalised together, over the whole projection.
+            q = Norm(c, dim=n_q * hd, name="q_norm")(q.reshape(b, t, n_q * hd)).reshape(q.shape)
+            k = Norm(c, dim=n_kv * hd, name="k_norm")(k.reshape(b, t, n_kv * hd)).reshape(k.shape)
+        elif c.qk_norm:
             # Each head normalised over its own dimensions before the rotation (Qwen3, Gemma 3).
             q = Norm(c, dim=hd, name="q_norm")(q)
             k = Norm(c, dim=hd, name="k_norm")(k)
@@ -179,7 +183,29 @@ def ffn_activation(cfg: ModelConfig, gate, up):
     return gate_activation(cfg.ffn_activation, gate) * up if cfg.is_glu else jax.nn.relu(up)
 
 
-def ffn_over_neurons(cfg: ModelConfig, h, neurons, live=None, on_activations=None):
+def route(cfg: ModelConfig, router, h):
+    """The weight of each expert for each token [B, T, E] of a mixture-of-experts layer: softmax over
+    the router's logits (router [E, D], in float32), the top `experts_per_token` kept and, where the
+    checkpoint says so, rescaled to sum to 1; every other expert weighs 0 (it is not computed)."""
+    # [B, T, E]
+    probs = jax.nn.softmax(weight_matmul(h, router).astype(jnp.float32), axis=-1)
+    top, experts = jax.lax.top_k(probs, cfg.experts_per_token)
+    if cfg.router_renormalize:
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+    # [B, T, K, E] one-hot of the chosen experts, summed over K
+    return jnp.einsum("btk,btke->bte", top, jax.nn.one_hot(experts, cfg.n_experts, dtype=top.dtype))
+
+
+def neuron_weights(cfg: ModelConfig, expert_weights, expert_of_rows=None):
+    """Each neuron's share of the FFN output [B, T, N]: its expert's weight. `expert_of_rows` [N] names
+    the expert of each row (cached or streamed rows, in any order); None: every neuron of the layer in
+    order (expert e's neurons are e * expert_ffn ..)."""
+    if expert_of_rows is None:
+        return jnp.repeat(expert_weights, cfg.expert_ffn, axis=-1)
+    return jnp.take(expert_weights, expert_of_rows, axis=-1)
+
+
+def ffn_over_neurons(cfg: ModelConfig, h, neurons, live=None, on_activations=None, scale=None):
     """The FFN arithmetic, written once: the contribution of a set of neurons to the FFN output.
 
     Every path calls this: the dense FFN (all neurons), the flash engine (cached or streamed rows),
@@ -187,8 +213,9 @@ def ffn_over_neurons(cfg: ModelConfig, h, neurons, live=None, on_activations=Non
     {"up": [N, D], "down": [N, D] (row n = column n of Hugging Face's w_down), "gate": [N, D] for
     gated FFNs, optional biases "b_up", "b_gate": [N] or [N, 1]}. The down-projection bias is not
     per neuron and is added by the caller. `live` (bool [N]) zeroes padding rows;
-    `on_activations` sees the activations [B, T, N] (at trace time) for calibration and the oracle.
-    Returns [B, T, D] for h [B, T, D].
+    `on_activations` sees the activations [B, T, N] (at trace time) for calibration and the oracle;
+    `scale` [B, T, N] weighs each neuron (a mixture of experts: its expert's router weight, 0 for
+    experts not chosen). Returns [B, T, D] for h [B, T, D].
     """
 
     def projection(name):
@@ -199,6 +226,8 @@ def ffn_over_neurons(cfg: ModelConfig, h, neurons, live=None, on_activations=Non
 
     gate = projection("gate") if cfg.is_glu else None
     act = ffn_activation(cfg, gate, projection("up"))
+    if scale is not None:
+        act = act * scale.astype(act.dtype)
     if live is not None:
         act = jnp.where(live, act, 0.0)
     if on_activations is not None:
@@ -210,14 +239,18 @@ def ffn_over_neurons(cfg: ModelConfig, h, neurons, live=None, on_activations=Non
 def dense_ffn_apply(cfg: ModelConfig, ffn_params, h, on_activations=None):
     """The FFN with every neuron resident, from Hugging Face-layout parameters
     {"w_up", "w_gate", "w_down" [D, F], "b_up", "b_gate", "b_down"}; a quantized model holds the
-    down projection neuron-major instead, as its records do ("down_rows" [F, D], blocks along D)."""
+    down projection neuron-major instead, as its records do ("down_rows" [F, D], blocks along D).
+    A mixture of experts has its "router" [E, D] here too and every expert's neurons laid end to end
+    (F = E * expert_ffn): each neuron is weighed by its expert's router weight, so the experts not
+    chosen contribute nothing. (Every expert is multiplied: the dense engine is the reference.)"""
     # The transpose of w_down folds into the dot's dimension numbers; nothing is copied.
     down = ffn_params["down_rows"] if "down_rows" in ffn_params else ffn_params["w_down"].T
     neurons = {"up": ffn_params["w_up"], "down": down}
     for ours, theirs in (("gate", "w_gate"), ("b_up", "b_up"), ("b_gate", "b_gate")):
         if theirs in ffn_params:
             neurons[ours] = ffn_params[theirs]
-    out = ffn_over_neurons(cfg, h, neurons, on_activations=on_activations)
+    scale = neuron_weights(cfg, route(cfg, ffn_params["router"], h)) if cfg.is_moe else None
+    out = ffn_over_neurons(cfg, h, neurons, on_activations=on_activations, scale=scale)
     return out + ffn_params["b_down"] if "b_down" in ffn_params else out
 
 
@@ -234,6 +267,8 @@ class DenseFFN(nn.Module):
         shapes.update({"down_rows": (f, d)} if self.has_variable("params", "down_rows") else {"w_down": (d, f)})
         if c.is_glu:
             shapes["w_gate"] = (f, d)
+        if c.is_moe:
+            shapes["router"] = (c.n_experts, d)
         if c.ffn_bias:
             shapes.update(b_up=(f,), b_down=(d,), **({"b_gate": (f,)} if c.is_glu else {}))
         return dense_ffn_apply(c, {name: _declared(self, name, shape) for name, shape in shapes.items()}, h)

@@ -80,6 +80,32 @@ PHI3_TABLE = [
     ("layers.{i}.ffn.w_down", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", _always),
 ]
 
+# Mixtures of experts: the Llama rows up to the FFN, the router, and each expert's projections laid
+# end to end into one FFN (config.ModelConfig: expert e owns neurons e * expert_ffn ..). An expert
+# part (("experts", axis)) names one checkpoint tensor per expert (`{e}`), concatenated along `axis`
+# (the neurons: rows of gate and up, columns of down); llama.cpp stores the experts of a layer as one
+# 3-D tensor [E, F, D] (down: [E, D, F]), laid out the same way. OLMoE and Qwen3-MoE name their
+# Hugging Face tensors alike; Mixtral has its own names (w1 gate, w3 up, w2 down).
+_LLAMA_ATTENTION = LLAMA_TABLE[:_LLAMA_FFN_NORM + 1]
+
+
+def _moe_rows(prefix: str, gate: str, up: str, down: str) -> list:
+    return [
+        ("layers.{i}.ffn.router", prefix + ".gate.weight", "blk.{i}.ffn_gate_inp.weight", _always),
+        ("layers.{i}.ffn.w_gate", prefix + ".experts.{e}." + gate, "blk.{i}.ffn_gate_exps.weight", _always,
+         ("experts", 0)),
+        ("layers.{i}.ffn.w_up", prefix + ".experts.{e}." + up, "blk.{i}.ffn_up_exps.weight", _always, ("experts", 0)),
+        ("layers.{i}.ffn.w_down", prefix + ".experts.{e}." + down, "blk.{i}.ffn_down_exps.weight", _always,
+         ("experts", 1)),
+    ]
+
+
+MIXTRAL_TABLE = _LLAMA_ATTENTION + _moe_rows("model.layers.{i}.block_sparse_moe", "w1.weight", "w3.weight",
+                                             "w2.weight")
+OLMOE_TABLE = _LLAMA_ATTENTION + _moe_rows("model.layers.{i}.mlp", "gate_proj.weight", "up_proj.weight",
+                                           "down_proj.weight")
+
+
 def fused_rows(cfg: ModelConfig, group: str) -> list[int]:
     """Row counts of the parts of a fused tensor, in the order stored."""
     hd = cfg.head_dim
@@ -112,7 +138,8 @@ OPT_TABLE = [
 
 
 TABLES = {"llama": LLAMA_TABLE, "mistral": LLAMA_TABLE, "qwen2": LLAMA_TABLE, "qwen3": LLAMA_TABLE,
-          "gemma3": GEMMA3_TABLE, "phi3": PHI3_TABLE, "opt": OPT_TABLE}
+          "gemma3": GEMMA3_TABLE, "phi3": PHI3_TABLE, "opt": OPT_TABLE,
+          "mixtral": MIXTRAL_TABLE, "olmoe": OLMOE_TABLE, "qwen3_moe": OLMOE_TABLE}
 
 
 # Whether llama.cpp's converter (convert_hf_to_gguf.py) interleaved the two rotary halves of each
@@ -128,6 +155,9 @@ GGUF_ROTARY_INTERLEAVED = {
     "qwen3": False,
     "gemma3": False,
     "phi3": False,
+    "mixtral": True,  # written by llama.cpp as a "llama" GGUF with experts
+    "olmoe": False,
+    "qwen3_moe": False,
 }
 
 
@@ -135,6 +165,8 @@ def expected_shape(cfg: ModelConfig, path: str) -> tuple[int, ...]:
     """The shape flashjax needs for a parameter path (after any hook)."""
     d, f, hd, v = cfg.d_model, cfg.d_ffn, cfg.head_dim, cfg.vocab_size
     if path.endswith(("q_norm.scale", "k_norm.scale")):
+        if cfg.qk_norm_whole:  # OLMoE: over every head at once
+            return ((cfg.n_heads if path.endswith("q_norm.scale") else cfg.n_kv_heads) * hd,)
         return (hd,)
     leaf = path.rsplit(".", 1)[-1]
     shapes = {
@@ -143,7 +175,7 @@ def expected_shape(cfg: ModelConfig, path: str) -> tuple[int, ...]:
         "wq": (cfg.n_heads * hd, d), "wk": (cfg.n_kv_heads * hd, d), "wv": (cfg.n_kv_heads * hd, d),
         "wo": (d, cfg.n_heads * hd), "bq": (cfg.n_heads * hd,), "bk": (cfg.n_kv_heads * hd,),
         "bv": (cfg.n_kv_heads * hd,), "bo": (d,),
-        "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f), "b_gate": (f,), "b_up": (f,), "b_down": (d,),
+        "router": (cfg.n_experts, d), "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f), "b_gate": (f,), "b_up": (f,), "b_down": (d,),
     }
     return shapes[leaf]
 
@@ -179,8 +211,26 @@ def _rows(start: int, stop: int) -> Callable[[np.ndarray], np.ndarray]:
     return hook
 
 
+def _join_experts(axis: int) -> Callable[[list], np.ndarray]:
+    # Hugging Face: one tensor per expert, laid end to end along the neurons.
+    def hook(per_expert: list) -> np.ndarray:
+        return np.concatenate(per_expert, axis=axis)
+    return hook
+
+
+def _flatten_experts(axis: int) -> Callable[[np.ndarray], np.ndarray]:
+    # GGUF: one [E, F, D] tensor (down: [E, D, F]) -> [E * F, D] (down: [D, E * F]).
+    def hook(w: np.ndarray) -> np.ndarray:
+        if axis == 0:
+            return w.reshape(-1, w.shape[-1])
+        return w.transpose(1, 0, 2).reshape(w.shape[1], -1)
+    return hook
+
+
 def _hook(cfg: ModelConfig, path: str, fmt: str, fused) -> Callable | None:
     """The one transform a tensor needs on its way in (at most one applies to any tensor)."""
+    if fused is not None and fused[0] == "experts":
+        return _join_experts(fused[1]) if fmt == "hf" else _flatten_experts(fused[1])
     if fused is not None:
         group, index = fused
         sizes = fused_rows(cfg, group)
@@ -195,7 +245,9 @@ def _hook(cfg: ModelConfig, path: str, fmt: str, fused) -> Callable | None:
 def tensor_plan(cfg: ModelConfig, fmt: str) -> Iterator[tuple[str, str, Callable | None]]:
     """Yields (flashjax path, checkpoint name, hook) for every tensor the model needs.
 
-    `fmt` is "hf" or "gguf". A fused checkpoint tensor is named once per part it feeds.
+    `fmt` is "hf" or "gguf". A fused checkpoint tensor is named once per part it feeds. A mixture of
+    experts' Hugging Face expert tensors come as a tuple of names, one per expert, for a hook that
+    joins them.
     """
     column = 1 if fmt == "hf" else 2
     for row in TABLES[cfg.architecture]:
@@ -210,5 +262,7 @@ def tensor_plan(cfg: ModelConfig, fmt: str) -> Iterator[tuple[str, str, Callable
         for i in layers:
             if i is None:
                 yield path, name, hook
+            elif "{e}" in name:
+                yield path.format(i=i), tuple(name.format(i=i, e=e) for e in range(cfg.n_experts)), hook
             else:
                 yield path.format(i=i), name.format(i=i), hook

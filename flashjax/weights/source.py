@@ -39,9 +39,13 @@ class ModelSource:
         a GGUF tensor whose blocks map onto flashjax's formats comes as flashjax.quant.QuantizedRows
         instead (its codes as stored: see weights/gguf_blocks.py)."""
         for path, name, hook in tensor_plan(self.config, self.fmt):
-            reader = self._files.get(name)
-            if reader is None:
-                raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+            if isinstance(name, tuple):  # a mixture of experts' per-expert tensors, joined by the hook
+                parts = [self._reader(part).read(part) for part in name]
+                array, reader, name = hook(parts), self._reader(name[0]), name[0].replace(".0.", ".{e}.", 1)
+                self._check_shape(path, name, reader, array)
+                yield path, np.asarray(array, dtype=np.float32)
+                continue
+            reader = self._reader(name)
             rows = reader.read_quantized(name) if quantized and hasattr(reader, "read_quantized") else None
             array = reader.read(name) if rows is None else rows
             if hook is not None:
@@ -49,11 +53,20 @@ class ModelSource:
                 array = hook(array) if rows is None else dataclasses.replace(
                     rows, values=hook(rows.values), scales=hook(rows.scales),
                     offsets=None if rows.offsets is None else hook(rows.offsets))
-            want = expected_shape(self.config, path)
-            if tuple(array.shape) != want:
-                raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {tuple(array.shape)}, "
-                                      f"expected {want} for this model's config")
+            self._check_shape(path, name, reader, array)
             yield path, array if rows is not None else np.asarray(array, dtype=np.float32)
+
+    def _reader(self, name: str):
+        reader = self._files.get(name)
+        if reader is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        return reader
+
+    def _check_shape(self, path: str, name: str, reader, array) -> None:
+        want = expected_shape(self.config, path)
+        if tuple(array.shape) != want:
+            raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {tuple(array.shape)}, "
+                                  f"expected {want} for this model's config")
 
 
 def open_checkpoint(spec: str | os.PathLike) -> ModelSource:
