@@ -79,12 +79,18 @@ def plan_memory(cfg: ModelConfig, budget_bytes: int | None, resident_bytes: int,
                 storage_itemsize: int, compute_itemsize: int, scratch_rows: int, prefetch_depth: int,
                 max_cache_rows: int | None = None, cache_itemsize: int | None = None) -> MemoryPlan:
     """Sizes each layer's cache from what the budget leaves; `budget_bytes=None` means unlimited.
-    Cached rows take `cache_itemsize` bytes per value (default: the compute dtype's)."""
+    Cached rows take `cache_itemsize` bytes per value (default: the compute dtype's).
+
+    A mixture of experts caches whole experts (each layer's rows a multiple of `expert_ffn`) and
+    reads at most its routed experts per layer in a token (the prefill streams its layers in pieces
+    no larger), so its read buffers hold `prefetch_depth` times that, not whole layers."""
     row_bytes = record_width * (cache_itemsize or compute_itemsize)
     scratch_row_bytes = record_width * storage_itemsize  # streamed rows stay as stored (converted as multiplied)
     scratch_rows = min(scratch_rows, cfg.d_ffn)
-    # Worst case in flight: `prefetch_depth` whole layers (the naive path reads every neuron).
-    io_bytes = prefetch_depth * cfg.d_ffn * record_width * storage_itemsize
+    # Worst case in flight: `prefetch_depth` whole layers (the naive path reads every neuron), or
+    # for a mixture of experts `prefetch_depth` sets of routed experts.
+    rows_in_flight = cfg.experts_per_token * cfg.expert_ffn if cfg.is_moe else cfg.d_ffn
+    io_bytes = prefetch_depth * rows_in_flight * record_width * storage_itemsize
     minimum = resident_bytes + scratch_rows * scratch_row_bytes + io_bytes
     limit = cfg.d_ffn if max_cache_rows is None else min(cfg.d_ffn, max_cache_rows)
     if budget_bytes is None:
@@ -97,6 +103,8 @@ def plan_memory(cfg: ModelConfig, budget_bytes: int | None, resident_bytes: int,
                 f"{minimum / 1e6:.1f} MB ({minimum} bytes: resident weights {resident_bytes / 1e6:.1f} MB, "
                 f"scratch {scratch_rows * scratch_row_bytes / 1e6:.1f} MB, read buffers {io_bytes / 1e6:.1f} MB)")
         rows = min(limit, (budget_bytes - minimum) // (row_bytes * cfg.n_layers))
+    if cfg.is_moe:
+        rows -= rows % cfg.expert_ffn  # whole experts
     return MemoryPlan(budget_bytes, resident_bytes, int(rows), row_bytes, scratch_rows, io_bytes,
                       cfg.n_layers, cfg.d_ffn, scratch_row_bytes)
 

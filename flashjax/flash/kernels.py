@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from flashjax.config import ModelConfig
 from flashjax.flash.shards import NEURONS
-from flashjax.model.layers import ffn_over_neurons
+from flashjax.model.layers import ffn_over_neurons, neuron_weights, route
 from flashjax.model.transformer import attention_block, embed, ffn_input, ffn_residual, final_logits
 from flashjax.quant import decode_float, decode_rows
 from flashjax.sampling import sample
@@ -62,6 +62,19 @@ def attention_select_step(cfg: ModelConfig, select, ahead, layer, x, positions, 
     return x, h, kv, needed, predicted
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
+def attention_route_step(cfg: ModelConfig, layer, next_router, x, positions, start, kv):
+    """One mixture-of-experts layer up to its FFN, and the router's choice, in one dispatch. With
+    `next_router` (layer l+1's router) the next layer's experts are guessed from this layer's FFN
+    input too, so their reads can start while this layer computes (the router applied early).
+    Returns (residual stream, FFN input, KV cache, expert weights [B, T, E], guess for l+1 or None)."""
+    x, kv = attention_block(cfg, layer, x, positions, start, kv)
+    h = ffn_input(cfg, layer, x)
+    weights = route(cfg, layer["ffn"]["router"], h)
+    guess = None if next_router is None else route(cfg, next_router, h)
+    return x, h, kv, weights, guess
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordPart:
     """Where a part of a neuron's record lies (columns start:stop) and how it is encoded: `kind` None
@@ -90,10 +103,12 @@ def decode_part(part: RecordPart, raw):
     return decode_rows(raw, part.kind, part.values)
 
 
-def _rows_ffn(cfg: ModelConfig, parts: dict, valid, h, part_slices):
-    """FFN contribution of the neurons in `parts` ({name: raw rows}, rows where `valid`) for h [B, T, D]."""
+def _rows_ffn(cfg: ModelConfig, parts: dict, valid, h, part_slices, expert_weights=None, row_experts=None):
+    """FFN contribution of the neurons in `parts` ({name: raw rows}, rows where `valid`) for h [B, T, D];
+    a mixture of experts weighs each row by its expert's weight (`row_experts` [N] names them)."""
     decoded = {part.name: decode_part(part, parts[part.name]) for part in part_slices}
-    return ffn_over_neurons(cfg, h, decoded, live=valid)
+    scale = None if expert_weights is None else neuron_weights(cfg, expert_weights, row_experts)
+    return ffn_over_neurons(cfg, h, decoded, live=valid, scale=scale)
 
 
 def split_records(rows, part_slices):
@@ -106,32 +121,37 @@ def _on_shards(mesh, fn, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-def _sparse_ffn(cfg: ModelConfig, mesh, part_slices, h, cached, scratch):
+def _sparse_ffn(cfg: ModelConfig, mesh, part_slices, h, cached, scratch, expert_weights=None):
     """FFN(h) [B, T, D] over every device's cached rows plus a chunk of streamed records, summed
     across the mesh (+ nothing else: the caller adds the down-projection bias).
 
     `cached`: ({part: [S * capacity, width]}, counts [S]) or None (no cache): every device's buffer,
     rows past its count masked. The whole capacity is multiplied, so the count never changes a
-    shape. `scratch`: (records [S, rows, R], valid rows [S]) or None.
+    shape. `scratch`: (records [S, rows, R], valid rows [S]) or None. A mixture of experts passes
+    `expert_weights` [B, T, E] (the router's) and each tuple carries a third member, the expert of
+    every row ([S * capacity], [S, rows]).
     """
     args, specs = [h], [P()]
-    if cached is not None:
-        args.append(cached)
-        specs.append((P(NEURONS), P(NEURONS)))
-    if scratch is not None:
-        args.append(scratch)
-        specs.append((P(NEURONS), P(NEURONS)))
+    if expert_weights is not None:
+        args.append(expert_weights)
+        specs.append(P())
+    for rows in (cached, scratch):
+        if rows is not None:
+            args.append(rows)
+            specs.append((P(NEURONS),) * len(rows))
 
     def local(h, *parts):
         out, parts = jnp.zeros(h.shape, h.dtype), iter(parts)
+        weights = next(parts) if expert_weights is not None else None
         if cached is not None:
-            buffers, counts = next(parts)
+            buffers, counts, *row_experts = next(parts)
             capacity = next(iter(buffers.values())).shape[0]
-            out = out + _rows_ffn(cfg, buffers, jnp.arange(capacity) < counts[0], h, part_slices)
+            out = out + _rows_ffn(cfg, buffers, jnp.arange(capacity) < counts[0], h, part_slices, weights,
+                                  row_experts[0] if row_experts else None)
         if scratch is not None:
-            records, n_valid = next(parts)
+            records, n_valid, *row_experts = next(parts)
             out = out + _rows_ffn(cfg, split_records(records[0], part_slices), jnp.arange(records.shape[1]) < n_valid[0], h,
-                                  part_slices)
+                                  part_slices, weights, row_experts[0][0] if row_experts else None)
         return jax.lax.psum(out, NEURONS)
 
     return _on_shards(mesh, local, tuple(specs), P())(*args)
@@ -154,13 +174,15 @@ def layer_step(cfg: ModelConfig, mesh, part_slices, layer, x, positions, start, 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "part_slices"))
-def ffn_step(cfg: ModelConfig, mesh, part_slices, post_ffn_norm, partial, h, b_down, cached, scratch):
+def ffn_step(cfg: ModelConfig, mesh, part_slices, post_ffn_norm, partial, h, b_down, cached, scratch,
+             expert_weights=None):
     """The FFN over the cached rows and one scratch chunk, added to what an earlier step of this
     layer computed: `partial` is (stream before the FFN, FFN output so far or None). For neuron sets
-    chosen from the layer's own FFN input (predictor, gate), where attention ran as its own step, and
-    for scratch chunks past the first. Returns (residual stream, (stream before the FFN, FFN output))."""
+    chosen from the layer's own FFN input (predictor, gate, a mixture of experts' router, with its
+    `expert_weights`), where attention ran as its own step, and for scratch chunks past the first.
+    Returns (residual stream, (stream before the FFN, FFN output))."""
     x, so_far = partial
-    out = _with_bias(_sparse_ffn(cfg, mesh, part_slices, h, cached, scratch), b_down)
+    out = _with_bias(_sparse_ffn(cfg, mesh, part_slices, h, cached, scratch, expert_weights), b_down)
     if so_far is not None:
         out = so_far + out
     return ffn_residual(cfg, post_ffn_norm, x, out), (x, out)

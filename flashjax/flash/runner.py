@@ -65,6 +65,8 @@ class FlashOptions:
     # as they are multiplied). "auto" picks per budget (FlashRunner._choose_dtypes).
     resident_dtype: str = "auto"
     cache_dtype: str = "auto"
+    # Mixture of experts: which cached expert leaves when a routed one needs its slot (flash/expert_cache.py).
+    expert_policy: str = "lru"
 
     def __post_init__(self):
         if self.window < 1:
@@ -78,6 +80,20 @@ class FlashOptions:
                 raise ValueError(f"{name} must be auto, compute or storage, not {getattr(self, name)!r}")
         if self.devices < 1:
             raise ValueError(f"devices must be at least 1, got {self.devices}")
+        from flashjax.flash.expert_cache import EXPERT_POLICIES
+        if self.expert_policy not in EXPERT_POLICIES:
+            raise ValueError(f"expert_policy must be one of {', '.join(EXPERT_POLICIES)}, not {self.expert_policy!r}")
+
+
+def _check_moe_options(options: FlashOptions) -> None:
+    """What the flash engine does with a mixture of experts today: experts chosen by the router, read
+    every token (naive) or cached whole (hybrid), on one device."""
+    if options.sparsity not in ("naive", "hybrid"):
+        raise ValueError(f"--sparsity {options.sparsity} is not available for mixture-of-experts models: their router "
+                         f"chooses the experts; use hybrid (experts cached under the budget) or naive (read every "
+                         f"token), or dense")
+    if options.devices != 1 or options.host_cache is not None:
+        raise ValueError("mixture-of-experts models run the flash engine on one device without a host tier")
 
 
 class FlashRunner:
@@ -85,6 +101,8 @@ class FlashRunner:
                  oracle_params=None):
         cfg = flash_model.config
         self.cfg, self.options, self.engine_cfg = cfg, options, engine_cfg
+        if cfg.is_moe:
+            _check_moe_options(options)
         # Each layer's attention runs with its own config (window, RoPE base); layers alike share one.
         self.layer_cfgs = [cfg.layer_config(l) for l in range(cfg.n_layers)]
         self.layer_kinds = list(dict.fromkeys(self.layer_cfgs))
@@ -114,7 +132,7 @@ class FlashRunner:
                   f"{self._dtype_name(self.resident_dtype)}, cached rows {self._dtype_name(self.cache_dtype)}",
                   file=sys.stderr)
         self.ffn = SparseFFN(cfg, self.mesh, self.placer, self.partition, self.part_slices, self.plan,
-                             self.cache_dtype, options.window)
+                             self.cache_dtype, options.window, options.expert_policy)
         self.reader = NeuronReader(self.store, options.prefetch_depth)
         self.kv = None
         self._warm = False
@@ -152,6 +170,9 @@ class FlashRunner:
     @staticmethod
     def _make_selector(flash_model, options, oracle_params):
         cfg = flash_model.config
+        if cfg.is_moe:
+            from flashjax.flash.selection import RouterSelector
+            return RouterSelector(cfg)
         if options.sparsity in ("naive", "hybrid"):
             # Hybrid is naive with a cache: the neurons that fit stay for good (every token needs
             # them all, so they never leave the window) and the rest stream from disk every token.
@@ -209,6 +230,9 @@ class FlashRunner:
         layer0 = self.params["layers"][0]
         b_down, post_norm = layer0["ffn"].get("b_down"), layer0.get("post_ffn_norm")
         so_far = jnp.zeros_like(x)
+        if cfg.is_moe:
+            self._warm_up_experts(x, positions, cached, chunks, layer0)
+            chunks = []  # the whole-layer and selecting steps below are for dense FFNs
         for chunk in chunks:
             for layer_cfg in self.layer_kinds:  # one compile per kind of layer (Gemma's sliding and global)
                 kv = jax.tree.map(jnp.copy, self.kv[0])
@@ -231,9 +255,30 @@ class FlashRunner:
         kernels.head(cfg, self.params, x, np.int32(0), *sampling_args(key, 0, sampling), greedy=sampling.greedy)
         self._warm = True
 
+    def _warm_up_experts(self, x, positions, cached, chunks, layer0) -> None:
+        """A mixture of experts' decode shapes: attention with the router (and the next layer's, but
+        for the last layer), and the FFN step over the cached experts and each scratch bucket, each
+        row with its expert."""
+        n_dev, cap = self.options.devices, self.plan.cache_rows_per_layer
+        post_norm = layer0.get("post_ffn_norm")
+        for layer_cfg in self.layer_kinds:
+            for next_router in ([layer0["ffn"]["router"], None] if self.cfg.n_layers > 1 else [None]):
+                kv = jax.tree.map(jnp.copy, self.kv[0])
+                _, h, _, weights, _ = kernels.attention_route_step(layer_cfg, layer0, next_router, x, positions,
+                                                                   np.int32(0), kv)
+        if cached is not None:
+            cached = cached + self.placer.shards(np.zeros(n_dev * cap, np.int32))
+        for chunk in chunks:
+            if chunk is not None:
+                chunk = chunk + self.placer.shards(np.zeros((n_dev, chunk[0].shape[1]), np.int32))
+            for maybe_cached in ([None] if cached is None else [None, cached]):
+                for so_far in (None, jnp.zeros_like(x)):
+                    kernels.ffn_step(self.cfg, self.mesh, self.part_slices, post_norm, (x, so_far), h,
+                                     layer0["ffn"].get("b_down"), maybe_cached, chunk, weights)
+
     def compile_count(self) -> int:
-        fns = (kernels.embed_tokens, kernels.attention_select_step, kernels.layer_step, kernels.ffn_step,
-               kernels.update_cache, kernels.head)
+        fns = (kernels.embed_tokens, kernels.attention_select_step, kernels.attention_route_step, kernels.layer_step,
+               kernels.ffn_step, kernels.update_cache, kernels.head)
         return sum(f._cache_size() for f in fns)
 
     # ---- one token ------------------------------------------------------------------------------
@@ -268,13 +313,82 @@ class FlashRunner:
             updates, read_ids = ahead
             self.reader.submit(read_ids)
         for l, layer in enumerate(self.params["layers"]):
+            weights = None
             if ahead is not None:
                 x, h, partial, chunks = self._planned_layer(l, layer, x, positions, start, updates[l], read_ids[l],
                                                             stats)
+            elif self.cfg.is_moe:
+                x, h, partial, chunks, weights = self._routing_layer(l, layer, x, positions, start, stats)
             else:
                 x, h, partial, chunks = self._selecting_layer(l, layer, x, positions, start, stats)
             if len(chunks) > 1:
-                x = self.ffn.remaining_chunks(x, partial, h, layer.get("post_ffn_norm"), chunks)
+                x = self.ffn.remaining_chunks(x, partial, h, layer.get("post_ffn_norm"), chunks, weights)
+        return x
+
+    # ---- mixtures of experts ---------------------------------------------------------------------
+
+    def _expert_neurons(self, experts: np.ndarray) -> np.ndarray:
+        f = self.cfg.expert_ffn
+        return (np.asarray(experts, np.int64)[:, None] * f + np.arange(f)).reshape(-1)
+
+    def _routing_layer(self, l, layer, x, positions, start, stats):
+        """A mixture-of-experts layer in a decode step: attention and the router in one dispatch (with
+        layer l+1's router applied early to this layer's input); the host learns the experts, the
+        caches take them, the reads not already started by the previous layer's guess are issued,
+        the next layer's guessed experts start reading, then the FFN over the cached experts and the
+        streamed ones, each row weighed by its expert's router weight."""
+        cfg = self.cfg
+        next_router = self.params["layers"][l + 1]["ffn"]["router"] if l + 1 < cfg.n_layers else None
+        x, h, self.kv[l], weights, guess = kernels.attention_route_step(
+            self.layer_cfgs[l], layer, next_router, x, positions, start, self.kv[l])
+        t0 = time.perf_counter()
+        # The one wait per layer: the host learns which experts this layer (and, guessed, the next) uses.
+        routed, guessed = jax.device_get((weights[0, -1], None if guess is None else guess[0, -1]))
+        experts = np.flatnonzero(routed > 0)
+        predicted = self.reader.predicted_for(l)
+        if predicted is not None:
+            stats.experts_guessed += len(predicted)
+            stats.experts_guessed_right += int(np.isin(predicted, experts).sum())
+            stats.experts_routed_guessed_layers += len(experts)
+        stats.experts_routed += len(experts)
+        stats.select_ms += (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        needed = self._expert_neurons(experts)
+        updates = self.ffn.step_caches(l, needed)
+        read_ids = self.ffn.read_ids(updates)
+        stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
+        rows = self.reader.take(l, read_ids, stats)
+        if guessed is not None:
+            # Only what layer l+1's caches lack; the reads overlap this layer's compute.
+            next_experts = np.flatnonzero(guessed > 0)
+            self.reader.expect(l + 1, self.ffn.uncached(l + 1, self._expert_neurons(next_experts)), next_experts)
+        stats.needed += len(needed)
+        cached, surplus = self.ffn.update(l, updates, rows, read_ids, stats)
+        loads = len(updates[0].load_ids)
+        chunks = self.ffn.scratch_chunks(surplus, [read_ids[loads:]])
+        x, partial = kernels.ffn_step(cfg, self.mesh, self.part_slices, layer.get("post_ffn_norm"), (x, None), h,
+                                      layer["ffn"].get("b_down"), cached, chunks[0] if chunks else None, weights)
+        return x, h, partial, chunks, weights
+
+    def _moe_prefill_layers(self, x, positions):
+        """The prompt through a mixture of experts: per layer, attention and the router for every
+        token, then every expert's records streamed in scratch-sized pieces (the prompt's tokens
+        together route to nearly all of them), weighed per token; the caches are left alone. The
+        prefetch thread reads the pieces ahead, `prefetch_depth` at a time, so memory stays bounded."""
+        cfg, s_rows = self.cfg, self.plan.scratch_rows
+        pieces = [np.arange(b, min(b + s_rows, cfg.d_ffn)) for b in range(0, cfg.d_ffn, s_rows)]
+        for l in range(cfg.n_layers):
+            for ids in pieces:
+                self.reader.prefetcher.submit(l, ids)
+        stats = TokenStats()
+        for l, layer in enumerate(self.params["layers"]):
+            x, h, self.kv[l], weights, _ = kernels.attention_route_step(self.layer_cfgs[l], layer, None, x, positions,
+                                                                        np.int32(0), self.kv[l])
+            partial = (x, None)
+            for i, ids in enumerate(pieces):
+                chunk, = self.ffn.scratch_chunks([self.reader.next_layer(stats)], [ids])
+                x, partial = kernels.ffn_step(cfg, self.mesh, self.part_slices, layer.get("post_ffn_norm"), partial, h,
+                                              layer["ffn"].get("b_down") if i == 0 else None, None, chunk, weights)
         return x
 
     def _planned_layer(self, l, layer, x, positions, start, updates, read_ids, stats):
@@ -342,10 +456,13 @@ class FlashRunner:
         self.selector.prefill(tokens[0, :len(prompt)])
         positions = prompt_positions(padded, len(prompt))
         x = kernels.embed_tokens(self.cfg, self.params, tokens, positions, self.compute_dtype)
-        # The prompt's tokens together use nearly every neuron: stream each whole layer once, uncached.
-        everything = [np.arange(self.cfg.d_ffn)] * self.cfg.n_layers
-        stats = TokenStats()
-        x = self._layers(x, positions, np.int32(0), self._plan_ahead(everything, False, stats), stats)
+        if self.cfg.is_moe:
+            x = self._moe_prefill_layers(x, positions)
+        else:
+            # The prompt's tokens together use nearly every neuron: stream each whole layer once, uncached.
+            everything = [np.arange(self.cfg.d_ffn)] * self.cfg.n_layers
+            stats = TokenStats()
+            x = self._layers(x, positions, np.int32(0), self._plan_ahead(everything, False, stats), stats)
         return self._here(kernels.head(self.cfg, self.params, x, np.int32(len(prompt) - 1),
                                        *sampling_args(key, len(prompt) - 1, sampling), greedy=sampling.greedy))
 

@@ -77,6 +77,28 @@ class NaiveSelector:
         return [self._all] * self.n_layers
 
 
+class RouterSelector:
+    """A mixture of experts: each layer's router chooses its experts from the layer's own FFN input,
+    inside the layer's step (kernels.attention_route_step), and the runner reads the chosen experts'
+    records; layer l+1's router applied to layer l's input guesses its experts early. `naive` reads
+    the routed experts every token; `hybrid` caches whole experts that fit (flash/expert_cache.py)."""
+
+    per_layer = False  # no neuron rule of its own: the runner routes (FlashRunner._routing_layer)
+    needs_token = False
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    def start(self, capacity: int) -> None:
+        pass
+
+    def prefill(self, prompt) -> None:
+        pass
+
+    def begin(self, token: int, pos: int):
+        return None  # chosen per layer
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _activations_step(cfg: ModelConfig, params, tokens, length, start, cache):
     """Dense forward of tokens [1, T] (padded past `length`) at slots start.., returning |activation|

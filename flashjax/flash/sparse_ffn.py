@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from flashjax.flash import kernels
+from flashjax.flash.expert_cache import LayerExpertCache
 from flashjax.flash.neuron_cache import LayerNeuronCache
 from flashjax.store.ffn_store import block_neurons
 
@@ -42,13 +43,18 @@ def whole_blocks(ids: np.ndarray, block: int, n: int) -> np.ndarray:
 class SparseFFN:
     """Every layer's neuron caches (host bookkeeping) and cache buffers (on the devices)."""
 
-    def __init__(self, cfg, mesh, placer, partition, part_slices, plan, cache_dtype, window: int):
+    def __init__(self, cfg, mesh, placer, partition, part_slices, plan, cache_dtype, window: int,
+                 expert_policy: str = "lru"):
         self.cfg, self.mesh, self.placer, self.partition, self.part_slices = cfg, mesh, placer, partition, part_slices
         self.n_devices = partition.n_shards
         self.capacity, self.scratch_rows = plan.cache_rows_per_layer, plan.scratch_rows
-        # caches[l][s]: layer l's cache on device s, over that device's own (local) neuron ids.
-        self.caches = [[LayerNeuronCache(self.capacity, partition.size(s), window) for s in range(self.n_devices)]
-                       for _ in range(cfg.n_layers)]
+        # caches[l][s]: layer l's cache on device s, over that device's own (local) neuron ids. A
+        # mixture of experts caches whole experts (flash/expert_cache.py), one device only.
+        if cfg.is_moe:
+            make = lambda s: LayerExpertCache(self.capacity, partition.size(s), cfg.expert_ffn, expert_policy)
+        else:
+            make = lambda s: LayerNeuronCache(self.capacity, partition.size(s), window)
+        self.caches = [[make(s) for s in range(self.n_devices)] for _ in range(cfg.n_layers)]
         self.buffers = [{part.name: placer.zeros((self.n_devices * self.capacity, part.stop - part.start), cache_dtype)
                          for part in part_slices} for _ in range(cfg.n_layers)]
 
@@ -106,16 +112,20 @@ class SparseFFN:
             if cap:
                 counts, = self.placer.shards(np.array([u.count for u in updates], np.int32))
                 cached = (self.buffers[l], counts)
+                if self.cfg.is_moe:  # the expert of every cached row (rows past the count are masked)
+                    rows_of = np.concatenate([np.maximum(c.ids, 0) // self.cfg.expert_ffn for c in self.caches[l]])
+                    cached += self.placer.shards(rows_of.astype(np.int32))
             for u in updates:
                 stats.evicted += u.evicted
                 stats.hits += u.hits
         stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
         return cached, surplus
 
-    def scratch_chunks(self, surplus: list[np.ndarray]) -> list:
+    def scratch_chunks(self, surplus: list[np.ndarray], surplus_ids: list[np.ndarray] | None = None) -> list:
         """Each device's surplus records in chunks of at most `scratch_rows`, placed on the mesh:
         [(records [S, size, R], valid rows [S])]. A chunk is padded to a power-of-four length, so a
-        step with little surplus does not pay for a full chunk."""
+        step with little surplus does not pay for a full chunk. A mixture of experts passes the
+        surplus rows' neuron ids too, and each chunk carries its rows' experts [S, size]."""
         n_dev, s_rows, chunks = self.n_devices, self.scratch_rows, []
         for begin in range(0, max(len(r) for r in surplus), s_rows):
             parts = [r[begin:begin + s_rows] for r in surplus]
@@ -126,14 +136,21 @@ class SparseFFN:
                 padded = np.zeros((n_dev, size, surplus[0].shape[1]), surplus[0].dtype)
                 for s, part in enumerate(parts):
                     padded[s, :len(part)] = part
-            chunks.append(tuple(self.placer.shards(padded, np.array([len(c) for c in parts], np.int32))))
+            arrays = [padded, np.array([len(c) for c in parts], np.int32)]
+            if surplus_ids is not None:
+                experts = np.zeros((n_dev, size), np.int32)
+                for s, ids in enumerate(surplus_ids):
+                    piece = ids[begin:begin + s_rows]
+                    experts[s, :len(piece)] = piece // self.cfg.expert_ffn
+                arrays.append(experts)
+            chunks.append(tuple(self.placer.shards(*arrays)))
         return chunks
 
-    def remaining_chunks(self, x, partial, h, post_ffn_norm, chunks):
+    def remaining_chunks(self, x, partial, h, post_ffn_norm, chunks, expert_weights=None):
         """The residual stream with the FFN over scratch chunks past the first (a surplus larger than
         `scratch_rows`) added to `partial` (stream before the FFN, FFN output so far)."""
         for chunk in chunks[1:]:
             x, partial = kernels.ffn_step(self.cfg, self.mesh, self.part_slices, post_ffn_norm, partial, h, None, None,
-                                          chunk)
+                                          chunk, expert_weights)
         return x
 

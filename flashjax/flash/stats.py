@@ -26,6 +26,12 @@ class TokenStats:
     ahead_read: int = 0  # neurons read early from the previous layer's input (lookahead)
     ahead_used: int = 0  # ... of which the layer then needed
     missing: int = 0  # neurons the layer had to have read (lookahead or not)
+    # Mixtures of experts: experts the routers chose, and the guesses of layer l+1's router applied
+    # to layer l's input (how many, and how many the layer then used).
+    experts_routed: int = 0
+    experts_guessed: int = 0
+    experts_guessed_right: int = 0
+    experts_routed_guessed_layers: int = 0  # experts routed in layers that had a guess
 
     def count_read(self, read) -> None:
         """Adds a finished read's disk counters (and, with a host tier, the neurons it served)."""
@@ -56,4 +62,11 @@ def summarize(tokens: list[TokenStats]) -> dict:
         "lookahead_coverage": total("ahead_used") / max(1, total("missing")) if ahead_read else None,
         "lookahead_precision": total("ahead_used") / max(1, ahead_read) if ahead_read else None,
         "host_hits_per_token": mean("host_hits"),
+        # The next layer's experts guessed early: precision (of the guessed, used) and recall (of the
+        # used, guessed; over layers 1.., which have a guess).
+        "expert_guess_precision": total("experts_guessed_right") / total("experts_guessed")
+        if total("experts_guessed") else None,
+        "expert_guess_recall": total("experts_guessed_right") / total("experts_routed_guessed_layers")
+        if total("experts_routed_guessed_layers") else None,
+        "experts_routed_per_token": mean("experts_routed"),
     }

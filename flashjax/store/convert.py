@@ -12,6 +12,7 @@ leaves nothing that loads.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -54,14 +55,23 @@ def layer_array_paths(layer: int, layout: Layout) -> dict[str, str]:
     return {name: f"{base}_{name}" for name in layout.names}
 
 
-def write_layer(model_dir: str, layer: int, records: np.ndarray, layout: Layout, dtype: str) -> LayerEntry:
-    """Writes one layer's records [d_ffn, record_width] as its zarr3 array(s); returns its manifest entry."""
+def write_layer(model_dir: str, layer: int, records: np.ndarray, layout: Layout, dtype: str,
+                expert_ffn: int | None = None) -> LayerEntry:
+    """Writes one layer's records [d_ffn, record_width] as its zarr3 array(s); returns its manifest entry
+    (with each expert's digest when `expert_ffn` says the records are a mixture of experts')."""
     arrays = layer_array_paths(layer, layout)
     for name, rel in arrays.items():
         data = records if name == "bundle" else records[:, layout.part_slice(name)]
         write_array(os.path.join(model_dir, rel), np.ascontiguousarray(data), storage_dtype(dtype).name,
                     layout.ffn_block)
-    return LayerEntry(arrays=arrays, checksum=FileGroup.of(model_dir, list(arrays.values())))
+    experts = None if expert_ffn is None else expert_digests(records, expert_ffn)
+    return LayerEntry(arrays=arrays, checksum=FileGroup.of(model_dir, list(arrays.values())), expert_sha256=experts)
+
+
+def expert_digests(records: np.ndarray, expert_ffn: int) -> tuple[str, ...]:
+    """sha256 of each expert's records [expert_ffn, record_width] as stored."""
+    return tuple(hashlib.sha256(np.ascontiguousarray(records[e:e + expert_ffn]).tobytes()).hexdigest()
+                 for e in range(0, len(records), expert_ffn))
 
 
 def _check_paths(source_path: str | None, out_dir: str, overwrite: bool) -> None:
@@ -211,7 +221,11 @@ class FlashWriter:
         if records.shape != want:
             raise ConvertError(f"layer {layer}: records of shape {records.shape}, expected {want}")
         self.layers[layer] = write_layer(self.tmp, layer, np.asarray(records, storage_dtype(self.dtype)),
-                                         self.layout, self.dtype)
+                                         self.layout, self.dtype, self._expert_ffn)
+
+    @property
+    def _expert_ffn(self) -> int | None:
+        return self.cfg.expert_ffn if self.cfg.is_moe else None
 
     def _staged(self, layer: int, part: str) -> str:
         return os.path.join(self.staging, f"layer_{layer:03d}_{part}.bin")
@@ -221,7 +235,7 @@ class FlashWriter:
         records = np.empty((f, self.layout.record_width), np_dtype)
         for name, width in self.layout.parts:
             records[:, self.layout.part_slice(name)] = np.fromfile(self._staged(layer, name), np_dtype).reshape(f, width)
-        self.layers[layer] = write_layer(self.tmp, layer, records, self.layout, self.dtype)
+        self.layers[layer] = write_layer(self.tmp, layer, records, self.layout, self.dtype, self._expert_ffn)
         for name in self.layout.names:
             os.remove(self._staged(layer, name))
 

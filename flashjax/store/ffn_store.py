@@ -93,7 +93,7 @@ class PendingRead:
                 data = future.result()
             except Exception as e:  # TensorStore reports I/O and decoding problems as ValueError
                 raise CheckpointError(f"{store.model_dir}: layer {self.layer}: reading "
-                                      f"{n} neurons failed: {e}") from None
+                                      f"{n} neurons{store.experts_of(self.ids)} failed: {e}") from None
             data = data.reshape(-1, data.shape[-1])
             if whole and len(self._futures) == 1:
                 return data[:n]
@@ -142,6 +142,11 @@ class FFNStore:
                                           f"{tuple(array.shape)}, the manifest says {self.dtype} {want}")
                 parts.append((array, cols))
             self._arrays.append(parts)
+
+    def experts_of(self, ids: np.ndarray) -> str:
+        """" (experts 3, 7)" for a mixture of experts' neuron ids, "" for a dense FFN: for messages."""
+        cfg = self.manifest.config
+        return f" (experts {', '.join(map(str, np.unique(ids // cfg.expert_ffn)))})" if cfg.is_moe and len(ids) else ""
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -201,10 +206,44 @@ def evict_page_cache(model_dir: str) -> None:
 
 
 def verify_files(model_dir: str, manifest: Manifest) -> None:
-    """Checks every layer's files and the resident checkpoint against the manifest's checksums."""
+    """Checks every layer's files and the resident checkpoint against the manifest's checksums. A
+    mixture of experts' damaged layer is reported with the experts whose records changed."""
     for layer, entry in enumerate(manifest.layers):
-        entry.checksum.check(model_dir, f"layer {layer}")
+        try:
+            entry.checksum.check(model_dir, f"layer {layer}")
+        except StoreChecksumError as e:
+            if entry.expert_sha256 is None:
+                raise
+            bad = damaged_experts(model_dir, manifest, layer)
+            which = f"experts {', '.join(map(str, bad))}" if bad else "no expert's records (the file's index or padding)"
+            raise StoreChecksumError(f"{e}; layer {layer}: damaged: {which}") from None
     manifest.resident_files.check(model_dir, "resident parameters")
+
+
+def damaged_experts(model_dir: str, manifest: Manifest, layer: int) -> list[int]:
+    """The experts of `layer` whose records no longer match their digests (read back through
+    TensorStore; a layer that cannot be read at all counts every expert as damaged)."""
+    from flashjax.store.convert import expert_digests
+
+    cfg, entry = manifest.config, manifest.layers[layer]
+    try:
+        records = _read_layer_unchecked(model_dir, manifest, layer)
+    except (CheckpointError, ValueError):
+        return list(range(cfg.n_experts))
+    return [e for e, (got, want) in enumerate(zip(expert_digests(records, cfg.expert_ffn), entry.expert_sha256))
+            if got != want]
+
+
+def _read_layer_unchecked(model_dir: str, manifest: Manifest, layer: int) -> np.ndarray:
+    """Every record of `layer` [d_ffn, record_width], read without the checksum checks."""
+    layout, d_ffn = manifest.layout, manifest.config.d_ffn
+    out = np.empty((d_ffn, layout.record_width), manifest.np_dtype)
+    context = make_context(8)
+    for name, rel in manifest.layers[layer].arrays.items():
+        cols = slice(0, layout.record_width) if name == "bundle" else layout.part_slice(name)
+        data = open_array(os.path.join(model_dir, rel), context).read().result()
+        out[:, cols] = data.reshape(-1, data.shape[-1])[:d_ffn]
+    return out
 
 
 __all__ = ["FFNStore", "PendingRead", "ReadStats", "StoreChecksumError", "block_neurons", "check_neuron_ids",

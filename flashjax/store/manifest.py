@@ -283,18 +283,26 @@ class LayerEntry:
 
     arrays: dict
     checksum: FileGroup
+    # A mixture of experts: sha256 of each expert's records (its rows of every array, as stored), so
+    # a damaged layer is reported by expert too.
+    expert_sha256: tuple[str, ...] | None = None
 
     @property
     def path(self) -> str | None:
         return self.arrays.get("bundle")
 
     def to_json(self) -> dict:
-        return {"path": self.path, "arrays": self.arrays, "sha256": self.checksum.sha256,
-                "bytes": self.checksum.bytes, "files": self.checksum.files}
+        out = {"path": self.path, "arrays": self.arrays, "sha256": self.checksum.sha256,
+               "bytes": self.checksum.bytes, "files": self.checksum.files}
+        if self.expert_sha256 is not None:
+            out["expert_sha256"] = list(self.expert_sha256)
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "LayerEntry":
-        return cls(arrays=dict(d["arrays"]), checksum=FileGroup(d["sha256"], dict(d["files"])))
+        experts = d.get("expert_sha256")
+        return cls(arrays=dict(d["arrays"]), checksum=FileGroup(d["sha256"], dict(d["files"])),
+                   expert_sha256=None if experts is None else tuple(experts))
 
 
 # -- the manifest -------------------------------------------------------------------------------------
