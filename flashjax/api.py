@@ -91,6 +91,8 @@ class LLM:
             sparsity = "dense"
             if several_devices and memory_budget is None and is_flash_dir(str(model)):
                 sparsity = "hybrid"  # unlimited: every neuron cached, split across the devices
+            elif memory_budget is not None and is_flash_dir(str(model)) and _is_moe(str(model)):
+                sparsity = "hybrid"  # a mixture of experts: its router chooses; the experts that fit stay cached
             elif memory_budget is not None:
                 from flashjax.sparsity import has_predictors
                 # Once calibrated, the predictors are the default way to pick neurons under a budget.
@@ -253,3 +255,8 @@ def _last(iterator):
 def load(model: str = "smollm2", **options) -> LLM:
     """Loads a model: see `LLM.load`."""
     return LLM.load(model, **options)
+
+
+def _is_moe(flash_dir: str) -> bool:
+    from flashjax.store import read_manifest
+    return read_manifest(flash_dir).config.is_moe

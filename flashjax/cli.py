@@ -24,7 +24,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "from disk per token; hybrid: naive plus a cache of what fits; oracle: the true active "
                         "neurons (a measuring device: its full computation is outside the budget and timings); "
                         "predictor: the calibrated low-rank predictors (default with a budget once calibrated); "
-                        "gate: SwiGLU gate kept resident and thresholded (needs calibrate too)")
+                        "gate: SwiGLU gate kept resident and thresholded (needs calibrate too). A mixture of "
+                        "experts runs naive (its routed experts read every token) or hybrid (the experts that "
+                        "fit cached; the default with a budget)")
     p.add_argument("--selection", default="threshold", choices=["threshold", "topk"],
                    help="predictor/gate: threshold on the score, or each token's top-k")
     p.add_argument("--predictor-threshold", type=float, default=0.2,
@@ -54,6 +56,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "budget could not otherwise hold every neuron)")
     p.add_argument("--cache-dtype", default="auto", choices=["auto", "compute", "storage"],
                    help="cached neuron rows in the compute or the storage dtype (auto: likewise)")
+    p.add_argument("--expert-policy", default="lru", choices=["lru", "lfu"],
+                   help="mixture of experts: which cached expert makes room for a routed one (least recently "
+                        "or least frequently used)")
     p.add_argument("--verbose", action="store_true", help="print the memory plan")
 
 
@@ -89,7 +94,7 @@ def _load(args):
                      predictor_threshold=args.predictor_threshold, top_k=args.top_k_neurons,
                      over_select=args.over_select, lookahead=not args.no_lookahead,
                      host_cache=args.host_cache, staging=args.staging, resident_dtype=args.resident_dtype,
-                     cache_dtype=args.cache_dtype)
+                     cache_dtype=args.cache_dtype, expert_policy=args.expert_policy)
     return LLM.load(args.model, compute_dtype=args.dtype, max_context=args.max_context, sparsity=args.sparsity,
                     memory_budget=args.memory_budget, verbose=args.verbose, **flash)
 

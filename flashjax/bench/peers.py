@@ -550,7 +550,8 @@ def run_flashjax(spec: dict) -> dict:
         # Medians over the measured runs of the engine's per-token means.
         fields.update({k: med(k) for k in (
             "io_ms", "memory_management_ms", "compute_ms", "select_ms", "read_ops_per_token", "neurons_read_per_token",
-            "cache_hit_rate", "needed_neurons_per_token", "lookahead_coverage", "lookahead_precision")})
+            "cache_hit_rate", "needed_neurons_per_token", "lookahead_coverage", "lookahead_precision",
+            "experts_routed_per_token", "expert_guess_precision", "expert_guess_recall")})
         fields.update({k: measured[-1].get(k) for k in (
             "ffn_bytes", "memory_budget_bytes", "resident_bytes", "cache_rows_per_layer", "weights_bytes")})
         fields["mapped_model_bytes"] = sum(e - s for s, e, _, _ in mapped_ranges([flash_dir]))
