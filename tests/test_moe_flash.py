@@ -24,13 +24,13 @@ from flashjax.flash.expert_cache import LayerExpertCache
 from flashjax.sampling import SamplingParams
 from flashjax.store import convert, read_manifest
 from flashjax.store.manifest import StoreChecksumError
+from test_moe_parity import EXPERT_FFN, MOE_TINY, N_EXPERTS, build_moe
 
 # float32, relative to the logits' size (the experts are summed in another order: cached slots, then
 # streamed chunks); a routing mistake moves logits by O(1).
 TOL = 1e-5
 PROMPT = 6
 N_TOKENS = 22
-N_EXPERTS, EXPERT_FFN, TOP_K = 8, 32, 2
 
 # ---- the expert cache ------------------------------------------------------------------------------
 
@@ -103,39 +103,13 @@ def test_expert_cache_with_no_slot_streams_everything():
 
 # ---- tiny models, flash against dense -------------------------------------------------------------
 
-MOE = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=N_EXPERTS)),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=N_EXPERTS, norm_topk_prob=False)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=N_EXPERTS, norm_topk_prob=True,
-                                                                moe_intermediate_size=EXPERT_FFN, head_dim=16)),
-}
-
-
 def build_tiny_moe(name: str, directory) -> None:
-    """A tiny random mixture of experts whose router is decisive (its weights scaled up, so the top-k
-    choice changes from token to token) and whose experts matter (their outputs scaled up)."""
-    import torch
-    import transformers
-
-    config_cls, model_cls, extra = MOE[name]
-    config = getattr(transformers, config_cls)(
-        vocab_size=128, hidden_size=64, intermediate_size=EXPERT_FFN, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, num_experts_per_tok=TOP_K, max_position_embeddings=64, bos_token_id=None,
-        eos_token_id=None, pad_token_id=None, **extra)
-    torch.manual_seed(sum(map(ord, name)))
-    model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():
-        for path, weight in model.named_parameters():
-            if path.endswith("gate.weight") and "experts" not in path:  # the router
-                weight.mul_(40)
-            elif "experts" in path:
-                weight.mul_(6)
-            elif "embed" in path or "lm_head" in path:
-                weight.mul_(15)
-    model.save_pretrained(directory)
+    """test_moe_parity's tiny model (peaked attention, a decisive router) with a third layer, so the
+    next-layer guess runs between two layers that have one."""
+    build_moe(name, directory, num_hidden_layers=3)
 
 
-@pytest.fixture(scope="module", params=sorted(MOE))
+@pytest.fixture(scope="module", params=sorted(MOE_TINY))
 def tiny_moe_flash(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("moe-" + request.param)
     build_tiny_moe(request.param, root / "hf")

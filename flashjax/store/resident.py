@@ -37,7 +37,9 @@ def resident_format(path: str, shape: tuple[int, ...], storage: str) -> str:
     """How a resident tensor is held: a float dtype name, or "q8"/"q4" for a quantized matrix."""
     if not is_quantized(storage):
         return resident_dtype(shape, storage).name
-    if len(shape) < 2:
+    if len(shape) < 2 or path.endswith(".ffn.router"):
+        # Vectors, and a mixture of experts' router (as llama.cpp keeps ffn_gate_inp: a coarse router
+        # could choose other experts; it is E x D, a sliver of the model).
         return "float32"
     if not quantizable(shape[-1]):
         return "float16"  # rows that do not split into blocks stay float16

@@ -12,9 +12,18 @@ from flashjax.config import ModelConfig, UnsupportedModelError
 from flashjax.weights.errors import CheckpointError
 from flashjax.weights.gguf_format import GGUFContainer, GGUFFormatError
 
-# GGUF architecture name -> flashjax architecture. Mistral GGUFs say "llama".
+# GGUF architecture name -> flashjax architecture. Mistral GGUFs say "llama", and so do Mixtral's:
+# llama.cpp's converter writes MixtralForCausalLM with its Llama converter (q/k permuted as for Llama),
+# adding llama.expert_count, so a "llama" file with experts is read as "mixtral".
 _GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
-               "phi3": "phi3"}
+               "phi3": "phi3", "olmoe": "olmoe", "qwen3moe": "qwen3_moe"}
+# Whether the router's top-k weights are rescaled to sum to 1 (config.ModelConfig.router_renormalize).
+# llama.cpp fixes it in each architecture's graph (build_moe_ffn's norm_w: true in its llama and
+# qwen3moe graphs, false in olmoe's) and reads no metadata key for it there (expert_weights_norm is
+# read only by other architectures), so a GGUF runs as llama.cpp runs it; it matches the Hugging Face
+# configs of the released models (Mixtral always renormalizes; OLMoE's norm_topk_prob is false,
+# Qwen3-MoE's true).
+_GGUF_ROUTER_RENORMALIZE = {"mixtral": True, "olmoe": False, "qwen3_moe": True}
 # llama.cpp's Gemma 3: every sixth layer global, the sliding layers' RoPE base fixed (llama-model.cpp).
 GEMMA3_SLIDING_PATTERN = 6
 GEMMA3_LOCAL_ROPE_THETA = 10_000.0
@@ -58,24 +67,37 @@ class GGUFFile:
     def read_quantized(self, name: str):
         """The tensor as flashjax.quant.QuantizedRows when its GGUF blocks map onto flashjax's formats
         code for code (weights/gguf_blocks.py), with the relative error of that copy against the GGUF's
-        own dequantized values; None otherwise (the caller then reads floats)."""
+        own dequantized values; None otherwise (the caller then reads floats). A 3-D tensor (a mixture
+        of experts' [E, rows, k]) comes with its arrays shaped [E, rows, ...], for the mapping's hook."""
         from flashjax.quant import relative_rms_error
         from flashjax.weights.gguf_blocks import read_blocks
 
         t = self._tensors[name]
         shape = self.shape(name)
-        if len(shape) != 2:
+        if len(shape) not in (2, 3):
             return None
+        n_rows = math.prod(shape[:-1])
         try:
-            rows = read_blocks(t.tensor_type.name, np.asarray(t.data).reshape(shape[0], -1), shape[1])
+            rows = read_blocks(t.tensor_type.name, np.asarray(t.data).reshape(n_rows, -1), shape[-1])
         except ValueError as e:
             raise CheckpointError(f"{self.path}: cannot read the blocks of tensor {name!r} "
                                   f"({t.tensor_type.name}): {e}") from None
         if rows is None:
             return None
         # Only Q4_K's scales change (rounded to float16); the other direct types copy exactly.
-        error = relative_rms_error(rows.dequantize(), self.read(name)) if t.tensor_type.name == "Q4_K" else 0.0
-        return dataclasses.replace(rows, origin=t.tensor_type.name, origin_error=error)
+        error = (relative_rms_error(rows.dequantize(), self.read(name).reshape(n_rows, -1))
+                 if t.tensor_type.name == "Q4_K" else 0.0)
+        rows = dataclasses.replace(rows, origin=t.tensor_type.name, origin_error=error)
+        if len(shape) == 3:
+            # A layer's experts [E, rows, k] (llama.cpp's ffn_*_exps): values, scales and offsets keep
+            # the expert axis in front, [E, rows, ...], for the mapping's hook to lay the experts end to
+            # end as it does the floats (weights/mapping.py `_flatten_experts`). Rows of k values hold
+            # whole blocks (read_blocks returns None otherwise), so any regrouping along the rows or
+            # across experts moves whole blocks with their scales.
+            rows = dataclasses.replace(rows, **{key: getattr(rows, key).reshape(*shape[:-1], -1)
+                                                for key in ("values", "scales", "offsets")
+                                                if getattr(rows, key) is not None})
+        return rows
 
     def model_config(self) -> ModelConfig:
         arch = self.field("general.architecture")
@@ -108,8 +130,12 @@ class GGUFFile:
         bos = self.field("tokenizer.ggml.bos_token_id")
         max_position = int(need("context_length"))
         extra = {}
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3moe"):
             extra = dict(qk_norm=True)
+        elif arch == "olmoe":
+            # attn_q_norm / attn_k_norm over the whole projection (every head at once), as llama.cpp's
+            # olmoe graph applies them before splitting the heads; the rotary halves stay as Hugging Face has them.
+            extra = dict(qk_norm=True, qk_norm_whole=True)
         elif arch == "gemma3":
             # llama.cpp scales queries by 1/sqrt(head_dim) except on the 27B (62 layers), whose
             # query_pre_attn_scalar is d_model / n_heads; its files store the norms as 1 + weight.
@@ -134,11 +160,31 @@ class GGUFFile:
                     factor = 1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(original))
                 scaling = ("longrope", tuple(float(v) for v in self.read("rope_factors_short.weight")),
                            tuple(float(v) for v in self.read("rope_factors_long.weight")), original, float(factor))
+        architecture, d_ffn = _GGUF_ARCHS[arch], int(need("feed_forward_length"))
+        n_experts = int(self.field(f"{arch}.expert_count") or 0)
+        if arch in ("olmoe", "qwen3moe") and not n_experts:
+            raise CheckpointError(f"{self.path}: GGUF metadata field {arch}.expert_count is missing")
+        if n_experts:
+            if architecture == "llama":
+                architecture = "mixtral"
+            elif architecture not in _GGUF_ROUTER_RENORMALIZE:
+                raise UnsupportedModelError(f"{self.path}: a {arch!r} GGUF with experts is not supported")
+            used = int(need("expert_used_count"))
+            # An expert's neurons: feed_forward_length for llama and olmoe (llama.cpp's graphs);
+            # qwen3moe's feed_forward_length is the dense size its converter copies from the config,
+            # unused, and expert_feed_forward_length the expert's (llama.cpp's fallback without it: n_ff
+            # divided by the experts used). flashjax lays the experts end to end as one FFN.
+            per_expert = d_ffn
+            if arch == "qwen3moe":
+                per_expert = int(self.field(f"{arch}.expert_feed_forward_length") or d_ffn // used)
+            d_ffn = n_experts * per_expert
+            extra.update(n_experts=n_experts, experts_per_token=used,
+                         router_renormalize=_GGUF_ROUTER_RENORMALIZE[architecture])
         return ModelConfig(
-            architecture=_GGUF_ARCHS[arch], vocab_size=int(vocab), d_model=d_model,
+            architecture=architecture, vocab_size=int(vocab), d_model=d_model,
             n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=int(self.field(f"{arch}.attention.head_count_kv") or n_heads), head_dim=head_dim,
-            d_ffn=int(need("feed_forward_length")), max_position=max_position,
+            d_ffn=d_ffn, max_position=max_position,
             norm="rms", norm_eps=float(need("attention.layer_norm_rms_epsilon")),
             qkv_bias="blk.0.attn_q.bias" in self._tensors, o_bias="blk.0.attn_output.bias" in self._tensors,
             tie_embeddings="output.weight" not in self._tensors,

@@ -219,7 +219,9 @@ def _join_experts(axis: int) -> Callable[[list], np.ndarray]:
 
 
 def _flatten_experts(axis: int) -> Callable[[np.ndarray], np.ndarray]:
-    # GGUF: one [E, F, D] tensor (down: [E, D, F]) -> [E * F, D] (down: [D, E * F]).
+    # GGUF: one [E, F, D] tensor (down: [E, D, F]) -> [E * F, D] (down: [D, E * F]). Also applied to a
+    # quantized tensor's values, scales and offsets, shaped [E, F, ...] (GGUFFile.read_quantized): their
+    # blocks run along the last axis, so they move whole and stay in order within each row.
     def hook(w: np.ndarray) -> np.ndarray:
         if axis == 0:
             return w.reshape(-1, w.shape[-1])

@@ -41,7 +41,9 @@ class ModelSource:
         for path, name, hook in tensor_plan(self.config, self.fmt):
             if isinstance(name, tuple):  # a mixture of experts' per-expert tensors, joined by the hook
                 parts = [self._reader(part).read(part) for part in name]
-                array, reader, name = hook(parts), self._reader(name[0]), name[0].replace(".0.", ".{e}.", 1)
+                # (named in errors by expert 0's name with {e} for the expert, not the layer, index)
+                array, reader = hook(parts), self._reader(name[0])
+                name = name[0].replace(".experts.0.", ".experts.{e}.")
                 self._check_shape(path, name, reader, array)
                 yield path, np.asarray(array, dtype=np.float32)
                 continue
