@@ -134,7 +134,8 @@ def prepare(args, source: str, workdir: str) -> tuple[str, list[int], dict]:
         if not is_flash_dir(flash_dir):
             log(f"converting {source} to the flash format in {flash_dir} (float16, bundled; once, reused after)")
             convert(source, flash_dir, dtype="float16", progress=False)
-    calibration = ensure_calibrated(args, flash_dir)
+    # The float copy's predictors serve its rows only (--no-float: none run; the copy still gives the prompt).
+    calibration = None if args.no_float else ensure_calibrated(args, flash_dir)
     fm = open_flash_model(flash_dir, verify=False)
     ids, prompt = prompt_for(fm, args.prompt_tokens, args.prompt_text)
     info = {"dense_weight_bytes": dense_weight_bytes(fm.config, "float32"), "calibrated": has_predictors(flash_dir),
@@ -283,7 +284,7 @@ def build_specs(args, source: str, flash_dir: str, ids: list[int], info: dict, w
     budget_bytes = {b: int(b * dense_bytes) for b in budgets}
     specs = []
     peers_ok = not is_flash_dir(source)
-    if "flashjax" in args.systems:
+    if "flashjax" in args.systems and not args.no_float:
         specs.append(dict(common, system="flashjax", config="dense", sparsity="dense", model=source,
                           series="flashjax dense", plot_x=1.0, memory_budget_fraction=None))
         if not args.no_naive:
@@ -298,6 +299,7 @@ def build_specs(args, source: str, flash_dir: str, ids: list[int], info: dict, w
             if not args.quick:
                 specs.append(dict(common, **budget, **oracle_config(has_predictors(flash_dir)), system="flashjax",
                                   series=ORACLE_SERIES, measuring_device=True))
+    if "flashjax" in args.systems:
         specs += quantized_specs(common, budgets, info, args.quick)
     if not peers_ok and set(args.systems) - {"flashjax"}:
         log(f"note: {source} is a flash-format directory; transformers, accelerate and llama.cpp need the original "
@@ -640,6 +642,9 @@ def build_parser(prog: str = "flashjax bench") -> argparse.ArgumentParser:
                    help="of those, the formats also run under each budget (hybrid and predictor, cold reads; "
                         "default q4); their predictors are calibrated on the copy unless --no-calibrate")
     p.add_argument("--no-naive", action="store_true", help="skip the naive row")
+    p.add_argument("--no-float", action="store_true",
+                   help="skip flashjax's float rows (dense, naive, best sparse, oracle): only the quantized copies "
+                        "(--quant) beside the other systems")
     p.add_argument("--no-disk-probe", action="store_true")
     p.add_argument("--probe-mib", type=int, default=None, help="disk probe file size (default 1024; --quick: 256)")
     p.add_argument("--row-timeout", type=float, default=3600, help="seconds one system may take")
