@@ -83,6 +83,13 @@ class LayerExpertCache:
         return self._filled * self.expert_ffn
 
     @property
+    def slot_of_expert(self) -> np.ndarray:
+        """int32 [n_experts]: the slot holding each expert, -1 if not cached (read-only view)."""
+        view = self._slot_of_expert.view()
+        view.flags.writeable = False
+        return view
+
+    @property
     def experts(self) -> np.ndarray:
         """The experts cached, by slot."""
         return self._expert_in[:self._filled].copy()

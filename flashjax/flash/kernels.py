@@ -111,6 +111,28 @@ def _rows_ffn(cfg: ModelConfig, parts: dict, valid, h, part_slices, expert_weigh
     return ffn_over_neurons(cfg, h, decoded, live=valid, scale=scale)
 
 
+def _routed_slots_ffn(cfg: ModelConfig, buffers: dict, slots, experts, expert_weights, h, part_slices):
+    """A mixture of experts' cached experts that the router chose, one slot at a time (`slots` [k]:
+    slot s holds rows s * expert_ffn ..; -1: none), each weighed by its expert's weight: a token
+    multiplies its k experts, never the other cached ones (their weight is 0 anyway)."""
+    f = cfg.expert_ffn
+
+    def one_expert(i, out):
+        def compute(out):
+            start = slots[i] * f
+            rows = {part.name: decode_part(part, jax.lax.dynamic_slice_in_dim(buffers[part.name], start, f, axis=0))
+                    for part in part_slices}
+            # [B, T, F]: the expert's weight on each of its neurons
+            scale = jnp.broadcast_to(expert_weights[..., experts[i], None], h.shape[:-1] + (f,))
+            return out + ffn_over_neurons(cfg, h, rows, scale=scale)
+
+        return jax.lax.cond(slots[i] >= 0, compute, lambda out: out, out)
+
+    # The sum varies over the device axis (each device its own cache), as the loop's carry must say.
+    zeros = jax.lax.pcast(jnp.zeros(h.shape, h.dtype), (NEURONS,), to="varying")
+    return jax.lax.fori_loop(0, slots.shape[0], one_expert, zeros)
+
+
 def split_records(rows, part_slices):
     """[N, R] records -> {part: [N, width]}, still as stored (converted as multiplied)."""
     return {part.name: rows[:, part.start:part.stop] for part in part_slices}
@@ -128,8 +150,9 @@ def _sparse_ffn(cfg: ModelConfig, mesh, part_slices, h, cached, scratch, expert_
     `cached`: ({part: [S * capacity, width]}, counts [S]) or None (no cache): every device's buffer,
     rows past its count masked. The whole capacity is multiplied, so the count never changes a
     shape. `scratch`: (records [S, rows, R], valid rows [S]) or None. A mixture of experts passes
-    `expert_weights` [B, T, E] (the router's) and each tuple carries a third member, the expert of
-    every row ([S * capacity], [S, rows]).
+    `expert_weights` [B, T, E] (the router's); its `cached` carries the slots of the routed experts
+    the cache holds and those experts ([k] each, slot -1 for none), its `scratch` the expert of every
+    row ([S, rows]).
     """
     args, specs = [h], [P()]
     if expert_weights is not None:
@@ -144,10 +167,12 @@ def _sparse_ffn(cfg: ModelConfig, mesh, part_slices, h, cached, scratch, expert_
         out, parts = jnp.zeros(h.shape, h.dtype), iter(parts)
         weights = next(parts) if expert_weights is not None else None
         if cached is not None:
-            buffers, counts, *row_experts = next(parts)
-            capacity = next(iter(buffers.values())).shape[0]
-            out = out + _rows_ffn(cfg, buffers, jnp.arange(capacity) < counts[0], h, part_slices, weights,
-                                  row_experts[0] if row_experts else None)
+            buffers, counts, *routed = next(parts)
+            if routed:  # a mixture of experts: only the routed experts' slots
+                out = out + _routed_slots_ffn(cfg, buffers, *routed, weights, h, part_slices)
+            else:
+                capacity = next(iter(buffers.values())).shape[0]
+                out = out + _rows_ffn(cfg, buffers, jnp.arange(capacity) < counts[0], h, part_slices)
         if scratch is not None:
             records, n_valid, *row_experts = next(parts)
             out = out + _rows_ffn(cfg, split_records(records[0], part_slices), jnp.arange(records.shape[1]) < n_valid[0], h,

@@ -259,7 +259,7 @@ class FlashRunner:
         """A mixture of experts' decode shapes: attention with the router (and the next layer's, but
         for the last layer), and the FFN step over the cached experts and each scratch bucket, each
         row with its expert."""
-        n_dev, cap = self.options.devices, self.plan.cache_rows_per_layer
+        n_dev = self.options.devices
         post_norm = layer0.get("post_ffn_norm")
         for layer_cfg in self.layer_kinds:
             for next_router in ([layer0["ffn"]["router"], None] if self.cfg.n_layers > 1 else [None]):
@@ -267,7 +267,7 @@ class FlashRunner:
                 _, h, _, weights, _ = kernels.attention_route_step(layer_cfg, layer0, next_router, x, positions,
                                                                    np.int32(0), kv)
         if cached is not None:
-            cached = cached + self.placer.shards(np.zeros(n_dev * cap, np.int32))
+            cached = cached + self.placer.shards(*self.ffn.routed_slots(0, None))
         for chunk in chunks:
             if chunk is not None:
                 chunk = chunk + self.placer.shards(np.zeros((n_dev, chunk[0].shape[1]), np.int32))
@@ -363,7 +363,7 @@ class FlashRunner:
             next_experts = np.flatnonzero(guessed > 0)
             self.reader.expect(l + 1, self.ffn.uncached(l + 1, self._expert_neurons(next_experts)), next_experts)
         stats.needed += len(needed)
-        cached, surplus = self.ffn.update(l, updates, rows, read_ids, stats)
+        cached, surplus = self.ffn.update(l, updates, rows, read_ids, stats, routed=experts)
         loads = len(updates[0].load_ids)
         chunks = self.ffn.scratch_chunks(surplus, [read_ids[loads:]])
         x, partial = kernels.ffn_step(cfg, self.mesh, self.part_slices, layer.get("post_ffn_norm"), (x, None), h,

@@ -34,6 +34,13 @@ def make_mesh(n_devices: int) -> Mesh:
         raise ValueError(f"--devices {n_devices}: this JAX sees {len(devices)} {jax.default_backend()} device(s) "
                          f"({', '.join(str(d) for d in devices)}); on the CPU, set "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count=N before starting Python to get N")
+    left_out = sorted({d.process_index for d in devices} - {d.process_index for d in devices[:n_devices]})
+    if left_out:
+        # Every process takes every step (jax.distributed): each needs devices in the mesh.
+        raise ValueError(f"--devices {n_devices}: the first {n_devices} of the {len(devices)} devices of the "
+                         f"{jax.process_count()} processes leave out process(es) {', '.join(map(str, left_out))}; "
+                         f"every process computes each step, so pass --devices {len(devices)} (the default with "
+                         f"several processes)")
     return Mesh(np.array(devices[:n_devices]), (NEURONS,))
 
 
@@ -118,7 +125,21 @@ class ShardPlacer:
         return tuple(jax.device_put(placed, self.by_shard) if target is not self.by_shard else placed)
 
     def replicate(self, tree):
-        return jax.device_put(tree, self.replicated)
+        if self._single_process:
+            return jax.device_put(tree, self.replicated)
+        return jax.tree.map(self._replicate_across_processes, tree)
+
+    def _replicate_across_processes(self, x):
+        """One leaf onto every device of a mesh that spans processes. An array committed to one of
+        this process's devices (a token read back with `local_copy`) is copied to each of its other
+        devices and the copies assembled: JAX does not move arrays between hosts by `device_put`,
+        and every process holds the same value."""
+        if isinstance(x, jax.Array) and x.is_fully_addressable and len(x.sharding.device_set) == 1 \
+                and getattr(x, "committed", True):
+            mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+            return jax.make_array_from_single_device_arrays(x.shape, self.replicated,
+                                                            [jax.device_put(x, d) for d in mine])
+        return jax.device_put(x, self.replicated)
 
     def zeros(self, shape: tuple[int, ...], dtype) -> jax.Array:
         """A [n_shards * rows, ...] zero buffer created in place on each device (never whole on one)."""

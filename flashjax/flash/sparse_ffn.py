@@ -81,7 +81,7 @@ class SparseFFN:
         local = self.partition.split(ids)
         return self.partition.join([part[cache.slot_of[part] < 0] for cache, part in zip(self.caches[l], local)])
 
-    def update(self, l, updates, rows, read_ids, stats):
+    def update(self, l, updates, rows, read_ids, stats, routed=None):
         """Layer l's caches take their updates; returns (cached, surplus) for the FFN.
 
         `updates`: each device's CacheUpdate, or None (prefill: everything read is surplus, the
@@ -112,14 +112,24 @@ class SparseFFN:
             if cap:
                 counts, = self.placer.shards(np.array([u.count for u in updates], np.int32))
                 cached = (self.buffers[l], counts)
-                if self.cfg.is_moe:  # the expert of every cached row (rows past the count are masked)
-                    rows_of = np.concatenate([np.maximum(c.ids, 0) // self.cfg.expert_ffn for c in self.caches[l]])
-                    cached += self.placer.shards(rows_of.astype(np.int32))
+                if self.cfg.is_moe:  # the slots of the `routed` experts that are cached: only those multiply
+                    cached += self.placer.shards(*self.routed_slots(l, routed))
             for u in updates:
                 stats.evicted += u.evicted
                 stats.hits += u.hits
         stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
         return cached, surplus
+
+    def routed_slots(self, l: int, routed) -> tuple[np.ndarray, np.ndarray]:
+        """(slots [k], experts [k]) of layer l's cached experts among `routed`, padded with slot -1:
+        what the FFN step multiplies from the cache (one device: mixtures of experts run on one)."""
+        k = self.cfg.experts_per_token
+        slots, experts = np.full(k, -1, np.int32), np.zeros(k, np.int32)
+        if routed is not None and len(routed):
+            held = self.caches[l][0].slot_of_expert[routed]
+            mine = held >= 0
+            slots[:mine.sum()], experts[:mine.sum()] = held[mine], routed[mine]
+        return slots, experts
 
     def scratch_chunks(self, surplus: list[np.ndarray], surplus_ids: list[np.ndarray] | None = None) -> list:
         """Each device's surplus records in chunks of at most `scratch_rows`, placed on the mesh:
