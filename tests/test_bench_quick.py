@@ -331,7 +331,7 @@ def test_quantized_rows_budgets_are_shares_of_the_copy_as_stored(monkeypatch):
 
     monkeypatch.setattr(flashjax.sparsity, "has_predictors", lambda path: False)
     args = types.SimpleNamespace(new_tokens=4, runs=1, warmup_tokens=1, budgets=["50%", "65%"], quick=False,
-                                 systems=["flashjax"], no_naive=True)
+                                 systems=["flashjax"], no_naive=True, no_float=False)
     info = {"dense_weight_bytes": 1000, "quantized": {
         "q4": {"flash_dir": "/w/flash-q4", "stored_weight_bytes": 200, "sparse": True, "calibrated": True},
         "q8": {"flash_dir": "/w/flash-q8", "stored_weight_bytes": 300, "sparse": False, "calibrated": False},
@@ -352,6 +352,10 @@ def test_quantized_rows_budgets_are_shares_of_the_copy_as_stored(monkeypatch):
     assert sparse[0]["plot_x"] == pytest.approx(0.1)
     failed = [s for s in specs if s["quant"] == "q2"]
     assert len(failed) == 1 and "ConvertError" in failed[0]["skip"]
+    # --no-float: the same quantized rows and no float one
+    args.no_float = True
+    only_quant = build_specs(args, "/m.gguf", "/w/flash", [1], info, "/tmp")
+    assert [s["label"] for s in only_quant] == [s["label"] for s in specs]
     # --quant / --quant-sparse
     assert quant_formats(None, None) == (["q4", "q8"], ["q4"])
     assert quant_formats(["q8"], None) == (["q8"], [])
@@ -367,7 +371,7 @@ def test_sparse_rows_run_at_the_engines_default_threshold_and_the_oracle_apart(m
 
     monkeypatch.setattr(flashjax.sparsity, "has_predictors", lambda path: True)
     args = types.SimpleNamespace(new_tokens=4, runs=1, warmup_tokens=1, budgets=["50%", "80%"], quick=False,
-                                 systems=["flashjax"], no_naive=True)
+                                 systems=["flashjax"], no_naive=True, no_float=False)
     specs = build_specs(args, "/nowhere/model.gguf", "/nowhere/flash", [1, 2, 3], {"dense_weight_bytes": 1}, "/tmp")
     candidates = [c for s in specs for c in s.get("candidates", [])]
     assert {c["sparsity"] for c in candidates} == {"predictor", "hybrid"}
