@@ -10,6 +10,11 @@ import argparse
 import json
 import sys
 
+from flashjax import distributed
+
+# This process's place among several (`--coordinator ...`), once joined; None when it runs alone.
+_cluster: "distributed.Cluster | None" = None
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
@@ -43,9 +48,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=32, help="file reads in flight")
     p.add_argument("--evict-page-cache", action="store_true",
                    help="drop the model's files from the page cache before each token (cold reads)")
-    p.add_argument("--devices", type=int, default=1,
+    p.add_argument("--devices", type=int, default=None,
                    help="split the model across this many devices (dense: FFN neurons, attention heads, vocabulary; "
-                        "flash: each layer's FFN neurons, the budget then per device)")
+                        "flash: each layer's FFN neurons, the budget then per device); default 1, or with several "
+                        "processes every device of all of them")
     p.add_argument("--host-cache", default=None,
                    help="a host-RAM tier of neurons between the device caches and the disk: bytes like 4GB, "
                         "or a share of the on-disk FFN like 100%%")
@@ -56,9 +62,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "budget could not otherwise hold every neuron)")
     p.add_argument("--cache-dtype", default="auto", choices=["auto", "compute", "storage"],
                    help="cached neuron rows in the compute or the storage dtype (auto: likewise)")
-    p.add_argument("--expert-policy", default="lru", choices=["lru", "lfu"],
-                   help="mixture of experts: which cached expert makes room for a routed one (least recently "
-                        "or least frequently used)")
+    p.add_argument("--expert-policy", default="lfu", choices=["lru", "lfu"],
+                   help="mixture of experts: which cached expert makes room for a routed one (least frequently "
+                        "used over the last 64 tokens, the default, or least recently used)")
     p.add_argument("--verbose", action="store_true", help="print the memory plan")
 
 
@@ -83,20 +89,39 @@ def _sampling_options(args) -> dict:
                 seed=args.seed)
 
 
-def _load(args):
+def _load(args, check_paths: bool = True):
     from flashjax.api import LLM
 
+    devices = args.devices
+    if _cluster is not None:
+        if check_paths:
+            # Every process needs the model at the same path: a path missing on one host names the host.
+            _cluster.check_paths({"model": args.model})
+        devices = _cluster.devices(devices)
+    devices = 1 if devices is None else devices
     # --devices splits the dense engine too; the other options configure the flash engine only.
-    flash = {"devices": args.devices}
-    if args.sparsity not in (None, "dense") or args.memory_budget is not None or args.devices > 1:
+    flash = {"devices": devices}
+    if args.sparsity not in (None, "dense") or args.memory_budget is not None or devices > 1:
         flash.update(window=args.window, prefetch_depth=args.prefetch_depth, concurrency=args.concurrency,
                      evict_page_cache=args.evict_page_cache, selection=args.selection,
                      predictor_threshold=args.predictor_threshold, top_k=args.top_k_neurons,
                      over_select=args.over_select, lookahead=not args.no_lookahead,
                      host_cache=args.host_cache, staging=args.staging, resident_dtype=args.resident_dtype,
                      cache_dtype=args.cache_dtype, expert_policy=args.expert_policy)
-    return LLM.load(args.model, compute_dtype=args.dtype, max_context=args.max_context, sparsity=args.sparsity,
-                    memory_budget=args.memory_budget, verbose=args.verbose, **flash)
+    quiet = _cluster is not None and not _cluster.leader  # progress bars and the plan: process 0's
+    llm = LLM.load(args.model, compute_dtype=args.dtype, max_context=args.max_context, sparsity=args.sparsity,
+                   memory_budget=args.memory_budget, verbose=args.verbose and not quiet, progress=not quiet, **flash)
+    if _cluster is not None:
+        distributed.track_reads(llm.runner)  # each process's reads, for its line in "processes"
+    return llm
+
+
+def _processes(llm):
+    """With several processes: every process's share (host, devices, what it read) on process 0, None
+    on the others; [] when running alone."""
+    if _cluster is None:
+        return []
+    return _cluster.gather("report", _cluster.report(llm))
 
 
 def cmd_calibrate(args) -> int:
@@ -157,6 +182,11 @@ def cmd_generate(args) -> int:
     options = _sampling_options(args)
     llm = _load(args)
     result = _emit(llm.stream(args.prompt, **options), args.json)
+    processes = _processes(llm)
+    if processes is None:
+        return 0  # process 0 reports
+    if processes:
+        result.stats["processes"] = processes
     _report(result, args.json)
     return 0
 
@@ -208,11 +238,18 @@ def cmd_eval_ppl(args) -> int:
     from flashjax.evaluate import check_perplexity_arguments, perplexity
 
     check_perplexity_arguments(args.context, args.stride, args.max_tokens)
+    if _cluster is not None:
+        _cluster.check_paths({"text": args.text}, required=("text",))
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
     llm = _load(args)
     r = perplexity(llm, text, context=args.context, stride=args.stride, max_tokens=args.max_tokens,
-                   progress=True)
+                   progress=_cluster is None or _cluster.leader)
+    processes = _processes(llm)
+    if processes is None:
+        return 0
+    if processes:
+        r["processes"] = processes
     _eval_report(r, args.json, [
         f"perplexity {r['ppl']:.4f} (nll {r['nll']:.4f} nats/token) over {r['n_tokens']} tokens of {args.text}",
         f"context {r['context']}, stride {r['stride']}, {r['windows']} windows",
@@ -223,9 +260,16 @@ def cmd_eval_ppl(args) -> int:
 def cmd_eval_choice(args) -> int:
     from flashjax.evaluate import load_tasks, multiple_choice
 
+    if _cluster is not None:
+        _cluster.check_paths({"tasks": args.tasks}, required=("tasks",))
     tasks = load_tasks(args.tasks, limit=args.limit)
     llm = _load(args)
-    r = multiple_choice(llm, tasks, normalize=args.normalize, progress=True)
+    r = multiple_choice(llm, tasks, normalize=args.normalize, progress=_cluster is None or _cluster.leader)
+    processes = _processes(llm)
+    if processes is None:
+        return 0
+    if processes:
+        r["processes"] = processes
     _eval_report(r, args.json, [
         f"accuracy {r['accuracy']:.4f} ({r['correct']}/{r['n']}), "
         f"length-normalized {r['accuracy_norm']:.4f} ({r['correct_norm']}/{r['n']}) on {args.tasks}",
@@ -245,6 +289,7 @@ def _add_eval_parser(sub) -> None:
                    help="tokens between window starts; each window after the first scores its last STRIDE tokens")
     q.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
     q.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    distributed.add_arguments(q)
     q.set_defaults(func=cmd_eval_ppl)
 
     q = evals.add_parser("choice", help="multiple-choice accuracy by log-likelihood of each option")
@@ -255,6 +300,7 @@ def _add_eval_parser(sub) -> None:
     q.add_argument("--normalize", default="none", choices=["none", "length"],
                    help="which rule each item's prediction follows (both accuracies are reported)")
     q.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    distributed.add_arguments(q)
     q.set_defaults(func=cmd_eval_choice)
 
 
@@ -274,11 +320,19 @@ def cmd_serve(args) -> int:
 
     # Checked before anything binds or loads: a bad option is one clear line, not a server that dies.
     EngineConfig(compute_dtype=args.dtype, max_context=args.max_context)
+    if _cluster is not None:
+        # Here, on every process (process 0 loads on the server's engine thread, after binding).
+        _cluster.check_paths({"model": args.model})
+        if not _cluster.leader:
+            # Process 0 listens; the others take every request's steps with it.
+            return _cluster.follow(_load(args, check_paths=False))
     config = ServerConfig(model_name=args.model, host=args.host, port=args.port,
                           api_key=args.api_key or os.environ.get("FLASHJAX_API_KEY") or None,
                           queue_limit=args.queue_limit, max_body_bytes=args.max_body_bytes,
                           default_max_tokens=args.default_max_tokens, shutdown_timeout_s=args.shutdown_timeout,
                           warm_up=not args.no_warm_up, log_level=args.log_level)
+    if _cluster is not None:
+        return serve(lambda: _cluster.lead(_load(args, check_paths=False)), config)
     return serve(lambda: _load(args), config)
 
 
@@ -301,6 +355,7 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--no-warm-up", action="store_true",
                    help="skip compiling the common shapes before /health reports ready")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -312,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.add_argument("--prompt", required=True)
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="write a model in the flash format (FFN on disk, the rest resident)")
@@ -365,15 +421,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    global _cluster
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        settings = distributed.settings_from(args)
+        if settings is not None and not distributed.is_worker():
+            # Several processes: this one watches the engine process and names a lost peer.
+            return distributed.supervise(list(sys.argv[1:] if argv is None else argv), settings)
+        if settings is not None:
+            _cluster = distributed.start(settings)  # before anything touches a device
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"flashjax: error: {e}", file=sys.stderr)
+        return 2
+    rc, error = 2, None
+    try:
+        rc = args.func(args)
     except KeyboardInterrupt:
-        return 130
+        rc = 130
     except (ValueError, RuntimeError, OSError) as e:
         # Known failure modes (bad checkpoint, unsupported model, context too long) are one clear line.
         print(f"flashjax: error: {e}", file=sys.stderr)
-        return 2
+        error = e
+    except BaseException as e:
+        if _cluster is None:
+            raise
+        import traceback
+        traceback.print_exc()
+        error = e
+    finally:
+        if _cluster is not None:
+            _cluster.finish(rc == 0 and error is None, error, rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ EXPERT_POLICIES = ("lru", "lfu")
 class LayerExpertCache:
     """One layer's cache of whole experts; same interface as `LayerNeuronCache`."""
 
-    def __init__(self, capacity: int, n_neurons: int, expert_ffn: int, policy: str = "lru", window: int = 64):
+    def __init__(self, capacity: int, n_neurons: int, expert_ffn: int, policy: str = "lfu", window: int = 64):
         if expert_ffn < 1 or n_neurons % expert_ffn:
             raise ValueError(f"{n_neurons} neurons are not experts of {expert_ffn}")
         if capacity < 0:

@@ -44,7 +44,7 @@ class SparseFFN:
     """Every layer's neuron caches (host bookkeeping) and cache buffers (on the devices)."""
 
     def __init__(self, cfg, mesh, placer, partition, part_slices, plan, cache_dtype, window: int,
-                 expert_policy: str = "lru"):
+                 expert_policy: str = "lfu"):
         self.cfg, self.mesh, self.placer, self.partition, self.part_slices = cfg, mesh, placer, partition, part_slices
         self.n_devices = partition.n_shards
         self.capacity, self.scratch_rows = plan.cache_rows_per_layer, plan.scratch_rows
