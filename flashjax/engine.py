@@ -197,6 +197,10 @@ class DenseRunner:
         room = max(len(tokens), context_limit(self.cfg, self.engine_cfg))
         padded = pad_prompt(tokens, self.engine_cfg.prefill_block, room)
         logits = _sequence_logits(self.cfg, self.params, padded, np.int32(len(tokens)), self.compute_dtype.name)
+        if not logits.is_fully_addressable:
+            # Split across processes (jax.distributed): gathered whole on every device to be read here.
+            logits = jax.jit(lambda a: a, out_shardings=self.parallel.replicated)(logits)
+            logits = logits.addressable_shards[0].data
         return np.asarray(logits, np.float32)[0, :len(tokens)]
 
     def stats(self) -> dict:
