@@ -32,13 +32,13 @@ def tiny_flash32(request, tmp_path_factory):
     return request.param, str(root / "flash")
 
 
-def stepwise_logits(llm, ids) -> np.ndarray:
-    """Logits [len(ids) - PROMPT + 1, V]: after prefilling ids[:PROMPT], then after each decode step."""
+def stepwise_logits(llm, ids, prompt: int = PROMPT) -> np.ndarray:
+    """Logits [len(ids) - prompt + 1, V]: after prefilling ids[:prompt], then after each decode step."""
     runner, sampling, key = llm.runner, SamplingParams(), jax.random.PRNGKey(0)
     runner.start(64)
-    _, logits = runner.prefill(ids[:PROMPT], sampling, key)
+    _, logits = runner.prefill(ids[:prompt], sampling, key)
     out = [np.asarray(logits[0])]
-    for pos in range(PROMPT, len(ids)):
+    for pos in range(prompt, len(ids)):
         _, logits = runner.decode(np.array([ids[pos]], np.int32), pos, sampling, key)
         out.append(np.asarray(logits[0]))
     return np.stack(out)

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
-import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flashjax
-from flashjax.flash.budget import BudgetTooSmallError
 from flashjax.flash.expert_cache import LayerExpertCache
-from flashjax.sampling import SamplingParams
 from flashjax.store import convert, read_manifest
 from flashjax.store.manifest import StoreChecksumError
+from test_flash_parity import minimum_budget, stepwise_logits
 from test_moe_parity import EXPERT_FFN, MOE_TINY, N_EXPERTS, build_moe
 
 # float32, relative to the logits' size (the experts are summed in another order: cached slots, then
@@ -117,23 +114,6 @@ def tiny_moe_flash(request, tmp_path_factory):
     return request.param, str(root / "flash")
 
 
-def stepwise_logits(llm, ids) -> np.ndarray:
-    runner, sampling, key = llm.runner, SamplingParams(), jax.random.PRNGKey(0)
-    runner.start(64)
-    _, logits = runner.prefill(ids[:PROMPT], sampling, key)
-    out = [np.asarray(logits[0])]
-    for pos in range(PROMPT, len(ids)):
-        _, logits = runner.decode(np.array([ids[pos]], np.int32), pos, sampling, key)
-        out.append(np.asarray(logits[0]))
-    return np.stack(out)
-
-
-def minimum_budget(path) -> int:
-    with pytest.raises(BudgetTooSmallError, match=r"the minimum is") as info:
-        flashjax.load(path, sparsity="hybrid", memory_budget=1, scratch_rows=16)
-    return int(re.search(r"\((\d+) bytes", str(info.value)).group(1))
-
-
 def budget_for_experts(path, slots: int) -> int:
     """A budget whose caches hold `slots` experts per layer on top of the minimum (float32 rows, or
     quantized records as stored)."""
@@ -149,11 +129,11 @@ def test_flash_experts_equal_dense(tiny_moe_flash, sparsity, slots):
     name, path = tiny_moe_flash
     dense = flashjax.load(path, progress=False)
     ids = [int(i) for i in np.random.RandomState(5).randint(0, dense.config.vocab_size, N_TOKENS)]
-    expected = stepwise_logits(dense, ids)
+    expected = stepwise_logits(dense, ids, PROMPT)
     budget = None if slots in (None, "all") else budget_for_experts(path, slots)
     llm = flashjax.load(path, sparsity=sparsity, memory_budget=budget, scratch_rows=16)
     try:
-        ours = stepwise_logits(llm, ids)
+        ours = stepwise_logits(llm, ids, PROMPT)
         stats = llm.runner.stats()
     finally:
         llm.runner.close()

@@ -67,16 +67,12 @@ class LayerExpertCache:
     @property
     def ids(self) -> np.ndarray:
         """int32 [capacity]: neuron id held by each row, -1 at and beyond ``count`` (read-only view)."""
-        view = self._ids.view()
-        view.flags.writeable = False
-        return view
+        return _read_only(self._ids)
 
     @property
     def slot_of(self) -> np.ndarray:
         """int32 [n_neurons]: the row holding each neuron, -1 if not cached (read-only view)."""
-        view = self._slot_of.view()
-        view.flags.writeable = False
-        return view
+        return _read_only(self._slot_of)
 
     @property
     def count(self) -> int:
@@ -85,9 +81,7 @@ class LayerExpertCache:
     @property
     def slot_of_expert(self) -> np.ndarray:
         """int32 [n_experts]: the slot holding each expert, -1 if not cached (read-only view)."""
-        view = self._slot_of_expert.view()
-        view.flags.writeable = False
-        return view
+        return _read_only(self._slot_of_expert)
 
     @property
     def experts(self) -> np.ndarray:
@@ -197,6 +191,12 @@ class LayerExpertCache:
     def __repr__(self) -> str:
         return (f"LayerExpertCache({self.n_slots} slots of {self.expert_ffn} rows, {self.n_experts} experts, "
                 f"policy={self.policy}, filled={self._filled}, steps={self._t})")
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def _expert_neurons(experts: np.ndarray, expert_ffn: int) -> np.ndarray:
