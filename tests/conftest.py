@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 # Four CPU devices, so the multi-device engine (--devices N) is tested without an accelerator. Set
 # before anything imports JAX; single-device code keeps using the first.
@@ -96,6 +97,18 @@ def sharpen_for_parity(model) -> None:
                     p.add_(QK_NORM_GAIN - 1.0)
                 else:
                     p.mul_(QK_NORM_GAIN)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_code():
+    """Drops JAX's compiled executables after each test file. Every compiled executable holds a few
+    memory mappings of its machine code, and the suite compiles many thousands of shapes (a tiny
+    model of every architecture through every mode): kept for the whole session they reach the
+    kernel's limit on mappings per process (vm.max_map_count, 65530), where the next mapping fails
+    and the process dies with a segmentation fault. One file's tests still share their compiles."""
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
 
 
 @pytest.fixture(scope="session", params=sorted(TINY))
