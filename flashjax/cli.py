@@ -30,8 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "neurons (a measuring device: its full computation is outside the budget and timings); "
                         "predictor: the calibrated low-rank predictors (default with a budget once calibrated); "
                         "gate: SwiGLU gate kept resident and thresholded (needs calibrate too). A mixture of "
-                        "experts runs naive (its routed experts read every token) or hybrid (the experts that "
-                        "fit cached; the default with a budget)")
+                        "experts runs naive (its routed experts read every token), hybrid (the experts that "
+                        "fit cached; the default with a budget), or predictor/gate (hybrid, with each streamed "
+                        "expert read only at the neurons the rule selects; cached experts multiply whole)")
     p.add_argument("--selection", default="threshold", choices=["threshold", "topk"],
                    help="predictor/gate: threshold on the score, or each token's top-k")
     p.add_argument("--predictor-threshold", type=float, default=0.2,

@@ -44,9 +44,12 @@ def stepwise_logits(llm, ids, prompt: int = PROMPT) -> np.ndarray:
     return np.stack(out)
 
 
-def minimum_budget(path) -> int:
+def minimum_budget(path, **options) -> int:
+    """The smallest budget of a mode (hybrid unless `options` say otherwise): resident weights (the
+    predictors or gate rows included), scratch and read buffers, nothing cached."""
+    options = {"sparsity": "hybrid", **options}
     with pytest.raises(BudgetTooSmallError, match=r"the minimum is") as info:
-        flashjax.load(path, sparsity="hybrid", memory_budget=1, scratch_rows=16)
+        flashjax.load(path, memory_budget=1, scratch_rows=16, **options)
     return int(re.search(r"\((\d+) bytes", str(info.value)).group(1))
 
 

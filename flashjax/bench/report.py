@@ -175,7 +175,7 @@ def markdown(result: dict, plots: dict | None = None) -> str:
              f"warm-up then {s.get('runs')} measured run(s) per system; each system in its own process. "
              f"Budgets are shares of the dense float32 model's weights ({(result.get('dense_weight_bytes') or 0) / MB:.0f} MB)"
              + quantized_basis(result) + ". "
-             f"Cold rows evict the weights' files from the page cache before every token (outside the timings).", ""]
+             "Cold rows evict the weights' files from the page cache before every token (outside the timings).", ""]
     for line in (prompt_line(result.get("prompt")), calibration_line(result.get("calibration"))):
         if line:
             parts += [line, ""]

@@ -22,7 +22,12 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 class BudgetTooSmallError(ValueError):
-    """The memory budget cannot hold even the smallest working plan."""
+    """The memory budget cannot hold even the smallest working plan; `minimum_bytes` is the smallest
+    budget that does (None where it is not known)."""
+
+    def __init__(self, message: str, minimum_bytes: int | None = None):
+        super().__init__(message)
+        self.minimum_bytes = minimum_bytes
 
 
 def parse_budget(text: str | int | float, dense_bytes: int) -> int:
@@ -101,7 +106,8 @@ def plan_memory(cfg: ModelConfig, budget_bytes: int | None, resident_bytes: int,
             raise BudgetTooSmallError(
                 f"memory budget of {budget_bytes / 1e6:.1f} MB is too small: the minimum is "
                 f"{minimum / 1e6:.1f} MB ({minimum} bytes: resident weights {resident_bytes / 1e6:.1f} MB, "
-                f"scratch {scratch_rows * scratch_row_bytes / 1e6:.1f} MB, read buffers {io_bytes / 1e6:.1f} MB)")
+                f"scratch {scratch_rows * scratch_row_bytes / 1e6:.1f} MB, read buffers {io_bytes / 1e6:.1f} MB)",
+                minimum_bytes=int(minimum))
         rows = min(limit, (budget_bytes - minimum) // (row_bytes * cfg.n_layers))
     if cfg.is_moe:
         rows -= rows % cfg.expert_ffn  # whole experts

@@ -62,17 +62,24 @@ def attention_select_step(cfg: ModelConfig, select, ahead, layer, x, positions, 
     return x, h, kv, needed, predicted
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
-def attention_route_step(cfg: ModelConfig, layer, next_router, x, positions, start, kv):
+@functools.partial(jax.jit, static_argnames=("cfg", "select"), donate_argnames=("kv",))
+def attention_route_step(cfg: ModelConfig, layer, next_router, x, positions, start, kv, select=None, rule=None):
     """One mixture-of-experts layer up to its FFN, and the router's choice, in one dispatch. With
     `next_router` (layer l+1's router) the next layer's experts are guessed from this layer's FFN
-    input too, so their reads can start while this layer computes (the router applied early).
-    Returns (residual stream, FFN input, KV cache, expert weights [B, T, E], guess for l+1 or None)."""
+    input too, so their reads can start while this layer computes (the router applied early). With
+    `select` (a flash/selection.py `MaskRule` function, static: every layer shares one compile) and
+    its `rule` (params, value), the layer's neuron mask inside the experts (predictor, gate path).
+    Returns (residual stream, FFN input, KV cache, expert weights [B, T, E], guess for l+1 or None,
+    needed [F] bool or None)."""
     x, kv = attention_block(cfg, layer, x, positions, start, kv)
     h = ffn_input(cfg, layer, x)
     weights = route(cfg, layer["ffn"]["router"], h)
     guess = None if next_router is None else route(cfg, next_router, h)
-    return x, h, kv, weights, guess
+    needed = None
+    if select is not None:
+        (params, value) = rule
+        needed = select(params, h, value)
+    return x, h, kv, weights, guess, needed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,13 +86,18 @@ class FlashOptions:
             raise ValueError(f"expert_policy must be one of {', '.join(EXPERT_POLICIES)}, not {self.expert_policy!r}")
 
 
+MOE_SPARSITY = ("naive", "hybrid", "predictor", "gate")
+
+
 def _check_moe_options(options: FlashOptions) -> None:
-    """What the flash engine does with a mixture of experts today: experts chosen by the router, read
-    every token (naive) or cached whole (hybrid), on one device."""
-    if options.sparsity not in ("naive", "hybrid"):
+    """What the flash engine does with a mixture of experts: experts chosen by the router, read every
+    token (naive) or cached whole (hybrid; predictor and gate too, which also cut each streamed
+    expert to the neurons their rule selects), on one device."""
+    if options.sparsity not in MOE_SPARSITY:
         raise ValueError(f"--sparsity {options.sparsity} is not available for mixture-of-experts models: their router "
-                         f"chooses the experts; use hybrid (experts cached under the budget) or naive (read every "
-                         f"token), or dense")
+                         f"chooses the experts; use hybrid (experts cached under the budget), naive (read every "
+                         f"token), predictor or gate (hybrid, with only the selected neurons of a streamed expert "
+                         f"read), or dense")
     if options.devices != 1 or options.host_cache is not None:
         raise ValueError("mixture-of-experts models run the flash engine on one device without a host tier")
 
@@ -121,6 +126,7 @@ class FlashRunner:
         self.dense_bytes = flash_model.stored_weight_bytes()
         self.selector = self._make_selector(flash_model, options, oracle_params)
         self.rules = self._device_rules() if self.selector.per_layer else None
+        self.expert_rules = self._expert_rules() if cfg.is_moe else None
         budget = None if options.memory_budget is None else parse_budget(options.memory_budget, self.dense_bytes)
         self.resident_dtype, self.cache_dtype, self.plan = self._choose_dtypes(flash_model, budget)
         self.params = self.placer.replicate(flash_model.load_resident(self.resident_dtype))
@@ -173,7 +179,10 @@ class FlashRunner:
         cfg = flash_model.config
         if cfg.is_moe:
             from flashjax.flash.selection import RouterSelector
-            return RouterSelector(cfg)
+            neurons = None
+            if options.sparsity in ("predictor", "gate"):
+                neurons = FlashRunner._neuron_selector(flash_model, options, moe=True)
+            return RouterSelector(cfg, neurons)
         if options.sparsity in ("naive", "hybrid"):
             # Hybrid is naive with a cache: the neurons that fit stay for good (every token needs
             # them all, so they never leave the window) and the rest stream from disk every token.
@@ -189,17 +198,26 @@ class FlashRunner:
                 threshold = require_predictors(flash_model.path, verify=options.verify).thresholds
             return OracleSelector(cfg, oracle_params, threshold)
         if options.sparsity in ("predictor", "gate"):
-            from flashjax.flash.selection import GatePathSelector, PredictorSelector
-            from flashjax.sparsity import Selection, require_predictors
-
-            predictors = require_predictors(flash_model.path, verify=options.verify)
-            selection = Selection(mode=options.selection, threshold=options.predictor_threshold,
-                                  top_k=options.top_k, over_select=options.over_select)
-            if options.sparsity == "gate":
-                return GatePathSelector(flash_model.path, predictors, selection)
-            return PredictorSelector(predictors, selection, options.lookahead)
+            return FlashRunner._neuron_selector(flash_model, options)
         raise ValueError(f"unknown sparsity {options.sparsity!r} for the flash engine; "
                          f"use naive, hybrid, oracle, predictor or gate (dense runs everything resident)")
+
+    @staticmethod
+    def _neuron_selector(flash_model, options, moe: bool = False):
+        """The predictors' (or the gate path's) per-layer neuron rule, from `flashjax calibrate`. A
+        mixture of experts uses no lookahead predictors (the next layer's router guess starts its
+        reads), so they are dropped rather than held: what is held counts in the budget."""
+        from flashjax.flash.selection import GatePathSelector, PredictorSelector
+        from flashjax.sparsity import Selection, require_predictors
+
+        predictors = require_predictors(flash_model.path, verify=options.verify)
+        if moe:
+            predictors = dataclasses.replace(predictors, lookahead=None)
+        selection = Selection(mode=options.selection, threshold=options.predictor_threshold,
+                              top_k=options.top_k, over_select=options.over_select)
+        if options.sparsity == "gate":
+            return GatePathSelector(flash_model.path, predictors, selection)
+        return PredictorSelector(predictors, selection, options.lookahead and not moe)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -265,8 +283,9 @@ class FlashRunner:
         for layer_cfg in self.layer_kinds:
             for next_router in ([layer0["ffn"]["router"], None] if self.cfg.n_layers > 1 else [None]):
                 kv = jax.tree.map(jnp.copy, self.kv[0])
-                _, h, _, weights, _ = kernels.attention_route_step(layer_cfg, layer0, next_router, x, positions,
-                                                                   np.int32(0), kv)
+                _, h, _, weights, _, _ = kernels.attention_route_step(layer_cfg, layer0, next_router, x, positions,
+                                                                      np.int32(0), kv)
+        self._warm_up_expert_rules(x, positions, layer0)
         if cached is not None:
             cached = cached + self.placer.shards(*self.ffn.routed_slots(0, None))
         for chunk in chunks:
@@ -276,6 +295,20 @@ class FlashRunner:
                 for so_far in (None, jnp.zeros_like(x)):
                     kernels.ffn_step(self.cfg, self.mesh, self.part_slices, post_norm, (x, so_far), h,
                                      layer0["ffn"].get("b_down"), maybe_cached, chunk, weights)
+
+    def _warm_up_expert_rules(self, x, positions, layer0) -> None:
+        """With a neuron rule inside the experts, each decode variant of the routing step: every
+        layer's rule (layers' predictors may differ in rank: each shape), with the next layer's
+        router but for the last layer, as `_routing_layer` calls it."""
+        n = self.cfg.n_layers
+        for l, rule in enumerate(self.expert_rules):
+            if rule is None:
+                continue
+            select, arrays = rule
+            next_router = layer0["ffn"]["router"] if l + 1 < n else None
+            kv = jax.tree.map(jnp.copy, self.kv[0])
+            kernels.attention_route_step(self.layer_cfgs[l], layer0, next_router, x, positions, np.int32(0), kv,
+                                         select, arrays)
 
     def compile_count(self) -> int:
         fns = (kernels.embed_tokens, kernels.attention_select_step, kernels.attention_route_step, kernels.layer_step,
@@ -332,19 +365,31 @@ class FlashRunner:
         f = self.cfg.expert_ffn
         return (np.asarray(experts, np.int64)[:, None] * f + np.arange(f)).reshape(-1)
 
+    def _expert_rules(self):
+        """Per layer: the neuron rule inside its routed experts, on the mesh, or None (naive, hybrid)."""
+        rules = []
+        for l in range(self.cfg.n_layers):
+            rule = self.selector.rule(l)
+            rules.append(None if rule is None else (rule.fn, (self.placer.replicate(rule.params), rule.value)))
+        return rules
+
     def _routing_layer(self, l, layer, x, positions, start, stats):
         """A mixture-of-experts layer in a decode step: attention and the router in one dispatch (with
-        layer l+1's router applied early to this layer's input); the host learns the experts, the
-        caches take them, the reads not already started by the previous layer's guess are issued,
-        the next layer's guessed experts start reading, then the FFN over the cached experts and the
-        streamed ones, each row weighed by its expert's router weight."""
+        layer l+1's router applied early to this layer's input, and the layer's neuron rule if any);
+        the host learns the experts (and the neuron mask), the caches take them, the reads not
+        already started by the previous layer's guess are issued, the next layer's guessed experts
+        start reading, then the FFN over the cached experts and the streamed ones, each row weighed
+        by its expert's router weight. With a neuron rule a streamed expert is read, and multiplied,
+        only at the neurons the rule selects; a cached one whole."""
         cfg = self.cfg
         next_router = self.params["layers"][l + 1]["ffn"]["router"] if l + 1 < cfg.n_layers else None
-        x, h, self.kv[l], weights, guess = kernels.attention_route_step(
-            self.layer_cfgs[l], layer, next_router, x, positions, start, self.kv[l])
+        select, rule = self.expert_rules[l] if self.expert_rules[l] is not None else (None, None)
+        x, h, self.kv[l], weights, guess, mask = kernels.attention_route_step(
+            self.layer_cfgs[l], layer, next_router, x, positions, start, self.kv[l], select, rule)
         t0 = time.perf_counter()
-        # The one wait per layer: the host learns which experts this layer (and, guessed, the next) uses.
-        routed, guessed = jax.device_get((weights[0, -1], None if guess is None else guess[0, -1]))
+        # The one wait per layer: the host learns which experts this layer (and, guessed, the next)
+        # uses, and which of their neurons the rule selects.
+        routed, guessed, mask = jax.device_get((weights[0, -1], None if guess is None else guess[0, -1], mask))
         experts = np.flatnonzero(routed > 0)
         predicted = self.reader.predicted_for(l)
         if predicted is not None:
@@ -355,14 +400,16 @@ class FlashRunner:
         stats.select_ms += (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
         needed = self._expert_neurons(experts)
-        updates = self.ffn.step_caches(l, needed)
+        if mask is not None:
+            stats.expert_neurons_routed += len(needed)
+            stats.expert_neurons_selected += int(np.count_nonzero(mask[needed]))
+        updates = self.ffn.step_caches(l, needed, stream_only=mask)
         read_ids = self.ffn.read_ids(updates)
         stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
         rows = self.reader.take(l, read_ids, stats)
         if guessed is not None:
-            # Only what layer l+1's caches lack; the reads overlap this layer's compute.
             next_experts = np.flatnonzero(guessed > 0)
-            self.reader.expect(l + 1, self.ffn.uncached(l + 1, self._expert_neurons(next_experts)), next_experts)
+            self.reader.expect(l + 1, self._guess_reads(l + 1, next_experts), next_experts)
         stats.needed += len(needed)
         cached, surplus = self.ffn.update(l, updates, rows, read_ids, stats, routed=experts)
         loads = len(updates[0].load_ids)
@@ -370,6 +417,17 @@ class FlashRunner:
         x, partial = kernels.ffn_step(cfg, self.mesh, self.part_slices, layer.get("post_ffn_norm"), (x, None), h,
                                       layer["ffn"].get("b_down"), cached, chunks[0] if chunks else None, weights)
         return x, h, partial, chunks, weights
+
+    def _guess_reads(self, l: int, experts: np.ndarray) -> np.ndarray:
+        """What to start reading for layer l's guessed experts: only what its caches lack; the reads
+        overlap the layer before's compute. With a neuron rule, a streamed expert is read only at
+        the neurons the rule picks from layer l's own input, not known yet: whole experts read early
+        would undo that sparsity, so the guess reads only when every missing routed expert is sure
+        to be loaded whole, i.e. the layer has a slot for each of a token's experts (the guess is
+        still kept, for its precision and recall)."""
+        if self.expert_rules[l] is not None and self.ffn.caches[l][0].n_slots < self.cfg.experts_per_token:
+            return np.zeros(0, np.int64)
+        return self.ffn.uncached(l, self._expert_neurons(experts))
 
     def _moe_prefill_layers(self, x, positions):
         """The prompt through a mixture of experts: per layer, attention and the router for every
@@ -383,8 +441,9 @@ class FlashRunner:
                 self.reader.prefetcher.submit(l, ids)
         stats = TokenStats()
         for l, layer in enumerate(self.params["layers"]):
-            x, h, self.kv[l], weights, _ = kernels.attention_route_step(self.layer_cfgs[l], layer, None, x, positions,
-                                                                        np.int32(0), self.kv[l])
+            # The prompt multiplies every expert's neurons whole, as a dense model's prompt does.
+            x, h, self.kv[l], weights, _, _ = kernels.attention_route_step(self.layer_cfgs[l], layer, None, x,
+                                                                           positions, np.int32(0), self.kv[l])
             partial = (x, None)
             for i, ids in enumerate(pieces):
                 chunk, = self.ffn.scratch_chunks([self.reader.next_layer(stats)], [ids])
@@ -517,7 +576,19 @@ class FlashRunner:
             "platform": self.placer.mesh.devices.flat[0].platform,
             "staging": self.placer.staging,
             "host_cache_bytes": getattr(self.store, "nbytes", 0) if self.options.host_cache is not None else 0,
+            **self._expert_sparsity(),
         }
+
+    def _expert_sparsity(self) -> dict:
+        """A mixture of experts with a neuron rule: the share of the routed experts' neurons it
+        selected (what a streamed expert reads; a cached one multiplies whole), per decode token."""
+        if not self.cfg.is_moe or all(rule is None for rule in self.expert_rules):
+            return {}
+        routed = sum(t.expert_neurons_routed for t in self.token_stats)
+        selected = sum(t.expert_neurons_selected for t in self.token_stats)
+        n = len(self.token_stats) or 1
+        return {"expert_neurons_routed_per_token": routed / n, "expert_neurons_selected_per_token": selected / n,
+                "expert_neurons_selected_share": selected / routed if routed else None}
 
     one_pass_logits = False  # scored step by step: sparsity acts in decode steps
 

@@ -81,13 +81,28 @@ class RouterSelector:
     """A mixture of experts: each layer's router chooses its experts from the layer's own FFN input,
     inside the layer's step (kernels.attention_route_step), and the runner reads the chosen experts'
     records; layer l+1's router applied to layer l's input guesses its experts early. `naive` reads
-    the routed experts every token; `hybrid` caches whole experts that fit (flash/expert_cache.py)."""
+    the routed experts every token; `hybrid` caches whole experts that fit (flash/expert_cache.py).
 
-    per_layer = False  # no neuron rule of its own: the runner routes (FlashRunner._routing_layer)
+    With `neurons` (a PredictorSelector or GatePathSelector: `--sparsity predictor|gate`), the same
+    step also evaluates that selector's rule on the layer's input, and a routed expert streamed
+    through scratch is read only at the neurons the rule selects (its neurons ∩ the layer's mask).
+    A cached expert is multiplied whole: its rows are in memory already, and whole slots are what
+    the expert cache holds. No lookahead rule: the next layer's router guess starts its reads."""
+
+    per_layer = False  # the runner routes (FlashRunner._routing_layer), with `rule(layer)` if any
     needs_token = False
 
-    def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, neurons: "PredictorSelector | None" = None):
+        self.cfg, self.neurons = cfg, neurons
+
+    @property
+    def nbytes(self) -> int:
+        """What the neuron selector holds (predictors, resident gate rows): it counts in the budget."""
+        return 0 if self.neurons is None else self.neurons.nbytes
+
+    def rule(self, layer: int) -> MaskRule | None:
+        """Layer `layer`'s neuron rule inside its routed experts, or None: every neuron of each."""
+        return None if self.neurons is None else self.neurons.rule(layer)
 
     def start(self, capacity: int) -> None:
         pass

@@ -11,6 +11,7 @@ new shape.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -63,9 +64,19 @@ class SparseFFN:
             for cache in layer:
                 cache.reset()
 
-    def step_caches(self, l: int, needed: np.ndarray) -> list:
-        """Each device's cache of layer l takes its share of `needed` (global ids): [CacheUpdate]."""
-        return [cache.step(ids) for cache, ids in zip(self.caches[l], self.partition.split(needed))]
+    def step_caches(self, l: int, needed: np.ndarray, stream_only: np.ndarray | None = None) -> list:
+        """Each device's cache of layer l takes its share of `needed` (global ids): [CacheUpdate].
+
+        `stream_only` (a mixture of experts' neuron rule inside its routed experts: bool [F]): of the
+        needed neurons streamed through scratch (no slot for their expert), only those it selects are
+        read. What the cache loads stays whole: it holds whole experts, and a cached expert is
+        multiplied whole (its rows are in memory anyway)."""
+        updates = [cache.step(ids) for cache, ids in zip(self.caches[l], self.partition.split(needed))]
+        if stream_only is None:
+            return updates
+        selected = self.partition.split(np.flatnonzero(stream_only))
+        return [dataclasses.replace(u, scratch_ids=u.scratch_ids[np.isin(u.scratch_ids, keep)])
+                for u, keep in zip(updates, selected)]
 
     def local_ids(self, per_device: list[np.ndarray]) -> np.ndarray:
         """Each device's local ids -> the global ids this process reads, ascending. Across hosts a

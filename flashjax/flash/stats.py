@@ -32,6 +32,10 @@ class TokenStats:
     experts_guessed: int = 0
     experts_guessed_right: int = 0
     experts_routed_guessed_layers: int = 0  # experts routed in layers that had a guess
+    # With a neuron rule inside the experts (predictor, gate): the routed experts' neurons, and how
+    # many of them the rule selected (the sparsity inside the experts).
+    expert_neurons_routed: int = 0
+    expert_neurons_selected: int = 0
 
     def count_read(self, read) -> None:
         """Adds a finished read's disk counters (and, with a host tier, the neurons it served)."""

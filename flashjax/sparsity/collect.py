@@ -71,9 +71,25 @@ def _record_ffn(record: list):
     """The dense FFN that also appends each call's (h, |activation|)."""
 
     def ffn(c: ModelConfig, p, h):
+        if c.is_moe:
+            record.append((h, jnp.abs(expert_activations(c, p, h))))
+            return dense_ffn_apply(c, p, h)
         return dense_ffn_apply(c, p, h, on_activations=lambda act: record.append((h, jnp.abs(act))))
 
     return ffn
+
+
+def expert_activations(cfg: ModelConfig, ffn_params, h):
+    """A mixture of experts' raw activations [B, T, n_experts * expert_ffn]: every expert's neurons,
+    not weighed by the router. A neuron's activation for an input is defined whether or not its
+    expert is routed; the routed FFN zeroes the others, which would teach a predictor the router's
+    choice instead of the neuron's (the engine applies the router itself and the predictor inside
+    the routed experts). The same FFN seen as one dense FFN without its router: under jit its
+    unused down projection is dropped."""
+    acts = []
+    dense = dataclasses.replace(cfg, n_experts=0, experts_per_token=0)
+    dense_ffn_apply(dense, {k: v for k, v in ffn_params.items() if k != "router"}, h, on_activations=acts.append)
+    return acts[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layers"))
