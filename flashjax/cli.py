@@ -47,6 +47,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=5, help="tokens whose neurons stay cached")
     p.add_argument("--prefetch-depth", type=int, default=2, help="layers whose reads may run ahead of the compute")
     p.add_argument("--concurrency", type=int, default=32, help="file reads in flight")
+    p.add_argument("--scratch-rows", type=int, default=512,
+                   help="neurons streamed per scratch chunk: those a layer needs beyond its cache go through the "
+                        "FFN in chunks of this many (less memory, more dispatches)")
     p.add_argument("--evict-page-cache", action="store_true",
                    help="drop the model's files from the page cache before each token (cold reads)")
     p.add_argument("--devices", type=int, default=None,
@@ -104,6 +107,7 @@ def _load(args, check_paths: bool = True):
     flash = {"devices": devices}
     if args.sparsity not in (None, "dense") or args.memory_budget is not None or devices > 1:
         flash.update(window=args.window, prefetch_depth=args.prefetch_depth, concurrency=args.concurrency,
+                     scratch_rows=args.scratch_rows,
                      evict_page_cache=args.evict_page_cache, selection=args.selection,
                      predictor_threshold=args.predictor_threshold, top_k=args.top_k_neurons,
                      over_select=args.over_select, lookahead=not args.no_lookahead,

@@ -31,6 +31,7 @@ import flashjax
 PROMPT = "1, 2, 3, 4, 5,"  # greedy margins of 3+ logits: rounding across devices cannot flip a token
 TOKENS = 8
 BUDGET = "240MB"  # the default model with gate selection: 111 cache rows per layer and device (of 384 per device)
+SCRATCH_ROWS = 32  # a layer's surplus streams in several chunks per device: 12 for the prompt, 2 or more for a token
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -141,10 +142,11 @@ def gate_model(default_gguf, tmp_path_factory) -> str:
 # ---- one engine across two processes ---------------------------------------------------------------------
 
 def test_flash_engine_across_two_processes(gate_model, tmp_path):
-    with flashjax.load(gate_model, sparsity="gate", memory_budget=BUDGET) as llm:
+    with flashjax.load(gate_model, sparsity="gate", memory_budget=BUDGET, scratch_rows=SCRATCH_ROWS) as llm:
         one = llm.generate(PROMPT, max_tokens=TOKENS)
     procs = start_cluster(["generate", "--model", gate_model, "--sparsity", "gate", "--memory-budget", BUDGET,
-                           "--max-tokens", TOKENS, "--json", "--prompt", PROMPT], tmp_path)
+                           "--scratch-rows", SCRATCH_ROWS, "--max-tokens", TOKENS, "--json", "--prompt", PROMPT],
+                          tmp_path)
     assert finish(procs) == [0, 0], failure_text(procs)
     assert procs[1].out == "", "only process 0 prints"
     result = procs[0].last_json()
@@ -155,6 +157,9 @@ def test_flash_engine_across_two_processes(gate_model, tmp_path):
     rows, n_layers = stats["cache_rows_per_layer"], len(stats["processes"][0]["read_ranges"])
     assert 0 < rows < 1536 // 4
     assert stats["needed_neurons_per_token"] / n_layers / 4 > rows
+    # ... and streams its surplus in more than one chunk (every chunk is a collective across the
+    # processes: each must dispatch the same chunks, sized alike, from its own devices' reads).
+    assert stats["needed_neurons_per_token"] / n_layers / 4 - rows > SCRATCH_ROWS
     assert stats["evicted_per_token"] > 0 and stats["cache_hit_rate"] > 0
     # Each process read only its own devices' neurons (whole blocks); together, every neuron.
     first, second = stats["processes"]
@@ -344,3 +349,18 @@ def test_read_ledger_counts_whole_blocks():
     ledger.read_neurons_async(0, np.array([0, 5, 6, 13, 29]))
     assert ledger.ranges(0) == [[0, 8], [12, 16], [28, 30]] and ledger.ranges(1) == []
     assert ledger.summary()["bytes_read"] == 50 and ledger.ffn_block == 4
+
+
+def test_scratch_chunks_are_planned_from_every_devices_count():
+    """Each scratch chunk is a collective step over the mesh: every process must dispatch the same
+    chunks, padded alike, though it holds only its own devices' records. The plan depends on every
+    device's count alone: a process whose devices stream little still dispatches the chunks a
+    device of another process needs (the deadlock of issue 16 began where the counts differed)."""
+    from flashjax.flash.sparse_ffn import scratch_plan
+
+    # Devices 0 and 1 (process 0) stream 300 and 10 records; devices 2 and 3 (process 1) none.
+    assert scratch_plan([300, 10, 0, 0], 128) == [(0, 128), (128, 128), (256, 64)]
+    assert scratch_plan([0, 0, 5, 40], 128) == [(0, 64)]
+    assert scratch_plan([0, 0, 0, 0], 128) == []
+    # The last chunk is padded to what the longest device still has, not to a full chunk.
+    assert scratch_plan([130, 129], 128) == [(0, 128), (128, 16)]

@@ -319,9 +319,10 @@ class FlashRunner:
 
     def _plan_ahead(self, needed_ahead, update_caches: bool, stats):
         """For neuron sets known before the token starts (naive, hybrid, oracle, prefill): every
-        layer's cache updates (None when the caches are left alone) and the ids to read."""
+        layer's cache updates (None when the caches are left alone), the ids this process reads,
+        and each device's count of streamed records (`SparseFFN.stream_lengths`)."""
         t0 = time.perf_counter()
-        updates, read_ids = [], []
+        updates, read_ids, lengths = [], [], []
         for l, needed in enumerate(needed_ahead):
             if update_caches:
                 updates.append(self.ffn.step_caches(l, needed))
@@ -330,13 +331,14 @@ class FlashRunner:
             else:
                 updates.append(None)
                 read_ids.append(self.ffn.local_ids(self.partition.split(needed)))
+            lengths.append(self.ffn.stream_lengths(updates[l], needed))
         stats.memory_management_ms += (time.perf_counter() - t0) * 1e3
-        return updates, read_ids
+        return updates, read_ids, lengths
 
     def _layers(self, x, positions, start, ahead, stats):
         """Runs every layer; returns x.
 
-        `ahead`: (every layer's cache updates, ids to read) from `_plan_ahead` when the neuron sets
+        `ahead`: (every layer's cache updates, ids to read, stream lengths) from `_plan_ahead` when the neuron sets
         were known before the token started (naive, hybrid, oracle, prefill): all reads go to the
         prefetch thread at once and run ahead of the compute, and each layer is one dispatch
         (attention and FFN together). None: the selector picks per layer from that layer's FFN
@@ -344,13 +346,13 @@ class FlashRunner:
         issued as soon as layer l's input is known.
         """
         if ahead is not None:
-            updates, read_ids = ahead
+            updates, read_ids, lengths = ahead
             self.reader.submit(read_ids)
         for l, layer in enumerate(self.params["layers"]):
             weights = None
             if ahead is not None:
                 x, h, partial, chunks = self._planned_layer(l, layer, x, positions, start, updates[l], read_ids[l],
-                                                            stats)
+                                                            lengths[l], stats)
             elif self.cfg.is_moe:
                 x, h, partial, chunks, weights = self._routing_layer(l, layer, x, positions, start, stats)
             else:
@@ -413,9 +415,10 @@ class FlashRunner:
         stats.needed += len(needed)
         cached, surplus = self.ffn.update(l, updates, rows, read_ids, stats, routed=experts)
         loads = len(updates[0].load_ids)
-        chunks = self.ffn.scratch_chunks(surplus, [read_ids[loads:]])
-        x, partial = kernels.ffn_step(cfg, self.mesh, self.part_slices, layer.get("post_ffn_norm"), (x, None), h,
-                                      layer["ffn"].get("b_down"), cached, chunks[0] if chunks else None, weights)
+        chunks = self.ffn.scratch_chunks(surplus, self.ffn.stream_lengths(updates), [read_ids[loads:]])
+        x, partial = self.ffn.pace(kernels.ffn_step, cfg, self.mesh, self.part_slices, layer.get("post_ffn_norm"),
+                                   (x, None), h, layer["ffn"].get("b_down"), cached, chunks[0] if chunks else None,
+                                   weights)
         return x, h, partial, chunks, weights
 
     def _guess_reads(self, l: int, experts: np.ndarray) -> np.ndarray:
@@ -446,19 +449,20 @@ class FlashRunner:
                                                                            positions, np.int32(0), self.kv[l])
             partial = (x, None)
             for i, ids in enumerate(pieces):
-                chunk, = self.ffn.scratch_chunks([self.reader.next_layer(stats)], [ids])
-                x, partial = kernels.ffn_step(cfg, self.mesh, self.part_slices, layer.get("post_ffn_norm"), partial, h,
-                                              layer["ffn"].get("b_down") if i == 0 else None, None, chunk, weights)
+                chunk, = self.ffn.scratch_chunks([self.reader.next_layer(stats)], [len(ids)], [ids])
+                x, partial = self.ffn.pace(kernels.ffn_step, cfg, self.mesh, self.part_slices,
+                                           layer.get("post_ffn_norm"), partial, h,
+                                           layer["ffn"].get("b_down") if i == 0 else None, None, chunk, weights)
         return x
 
-    def _planned_layer(self, l, layer, x, positions, start, updates, read_ids, stats):
+    def _planned_layer(self, l, layer, x, positions, start, updates, read_ids, lengths, stats):
         """A layer whose reads were submitted when the token started: one dispatch for all of it."""
         rows = self.reader.next_layer(stats)
         cached, surplus = self.ffn.update(l, updates, rows, read_ids, stats)
-        chunks = self.ffn.scratch_chunks(surplus)
-        x, h, self.kv[l], partial = kernels.layer_step(self.layer_cfgs[l], self.mesh, self.part_slices, layer, x,
-                                                       positions, start, self.kv[l], cached,
-                                                       chunks[0] if chunks else None)
+        chunks = self.ffn.scratch_chunks(surplus, lengths)
+        x, h, self.kv[l], partial = self.ffn.pace(kernels.layer_step, self.layer_cfgs[l], self.mesh,
+                                                  self.part_slices, layer, x, positions, start, self.kv[l], cached,
+                                                  chunks[0] if chunks else None)
         return x, h, partial, chunks
 
     def _device_rules(self):
@@ -504,9 +508,9 @@ class FlashRunner:
             self.reader.expect(l + 1, missing, next_ids)
         stats.needed += len(needed)
         cached, surplus = self.ffn.update(l, updates, rows, read_ids, stats)
-        chunks = self.ffn.scratch_chunks(surplus)
-        x, partial = kernels.ffn_step(cfg, self.mesh, self.part_slices, layer.get("post_ffn_norm"), (x, None), h,
-                                      layer["ffn"].get("b_down"), cached, chunks[0] if chunks else None)
+        chunks = self.ffn.scratch_chunks(surplus, self.ffn.stream_lengths(updates))
+        x, partial = self.ffn.pace(kernels.ffn_step, cfg, self.mesh, self.part_slices, layer.get("post_ffn_norm"),
+                                   (x, None), h, layer["ffn"].get("b_down"), cached, chunks[0] if chunks else None)
         return x, h, partial, chunks
 
     def prefill(self, prompt: np.ndarray, sampling: SamplingParams, key):

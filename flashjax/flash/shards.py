@@ -106,6 +106,11 @@ class ShardPlacer:
         self._single_process = len(self._local) == mesh.devices.size
         self._one_device = mesh.devices.size == 1
 
+    @property
+    def spans_processes(self) -> bool:
+        """Whether the mesh holds devices of other processes (jax.distributed)."""
+        return not self._single_process
+
     def is_local(self, shard: int) -> bool:
         """Whether this process holds shard `shard`'s device (always, on one host)."""
         return shard in self._local

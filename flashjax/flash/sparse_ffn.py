@@ -19,6 +19,7 @@ import numpy as np
 from flashjax.flash import kernels
 from flashjax.flash.expert_cache import LayerExpertCache
 from flashjax.flash.neuron_cache import LayerNeuronCache
+from flashjax.flash.pacing import StepPacer
 from flashjax.store.ffn_store import block_neurons
 
 
@@ -35,6 +36,15 @@ def scratch_bucket(n: int, limit: int) -> int:
     return min(size, limit)
 
 
+def scratch_plan(lengths: list[int], scratch_rows: int) -> list[tuple[int, int]]:
+    """The scratch chunks that stream `lengths[s]` records on device s: [(first row, padded size)],
+    at most `scratch_rows` each. Each chunk is one collective step over the mesh, so every process
+    must dispatch the same ones: the plan depends on every device's count alone, never on which
+    devices' records this process holds."""
+    return [(begin, scratch_bucket(max(min(n - begin, scratch_rows) for n in lengths), scratch_rows))
+            for begin in range(0, max(lengths, default=0), scratch_rows)]
+
+
 def whole_blocks(ids: np.ndarray, block: int, n: int) -> np.ndarray:
     """Every neuron id in the blocks that hold `ids` (sorted)."""
     return ids if block == 1 or len(ids) == 0 else block_neurons(np.unique(ids // block), block, n)
@@ -49,6 +59,7 @@ class SparseFFN:
         self.cfg, self.mesh, self.placer, self.partition, self.part_slices = cfg, mesh, placer, partition, part_slices
         self.n_devices = partition.n_shards
         self.capacity, self.scratch_rows = plan.cache_rows_per_layer, plan.scratch_rows
+        self.pace = StepPacer(placer.spans_processes)  # every FFN step goes through it (flash/pacing.py)
         # caches[l][s]: layer l's cache on device s, over that device's own (local) neuron ids. A
         # mixture of experts caches whole experts (flash/expert_cache.py), one device only.
         if cfg.is_moe:
@@ -142,15 +153,27 @@ class SparseFFN:
             slots[:mine.sum()], experts[:mine.sum()] = held[mine], routed[mine]
         return slots, experts
 
-    def scratch_chunks(self, surplus: list[np.ndarray], surplus_ids: list[np.ndarray] | None = None) -> list:
+    def stream_lengths(self, updates: list | None, needed: np.ndarray | None = None) -> list[int]:
+        """Each device's count of records streamed through scratch this step, on every process alike:
+        a process holds only its own devices' records, but every process must dispatch the same
+        chunks (each is a collective across the mesh), so their number and sizes come from these.
+        `updates`: each device's CacheUpdate; None (prefill): every device streams its share of
+        `needed`."""
+        if updates is None:
+            return [len(ids) for ids in self.partition.split(needed)]
+        return [len(u.scratch_ids) for u in updates]
+
+    def scratch_chunks(self, surplus: list[np.ndarray], lengths: list[int],
+                       surplus_ids: list[np.ndarray] | None = None) -> list:
         """Each device's surplus records in chunks of at most `scratch_rows`, placed on the mesh:
-        [(records [S, size, R], valid rows [S])]. A chunk is padded to a power-of-four length, so a
-        step with little surplus does not pay for a full chunk. A mixture of experts passes the
-        surplus rows' neuron ids too, and each chunk carries its rows' experts [S, size]."""
+        [(records [S, size, R], valid rows [S])]. `lengths` are each device's surplus counts on
+        every process (`stream_lengths`); `surplus` holds only this process's devices' records
+        (others empty). A chunk is padded to a power-of-four length, so a step with little surplus
+        does not pay for a full chunk. A mixture of experts passes the surplus rows' neuron ids too,
+        and each chunk carries its rows' experts [S, size]."""
         n_dev, s_rows, chunks = self.n_devices, self.scratch_rows, []
-        for begin in range(0, max(len(r) for r in surplus), s_rows):
+        for begin, size in scratch_plan(lengths, s_rows):
             parts = [r[begin:begin + s_rows] for r in surplus]
-            size = scratch_bucket(max(len(c) for c in parts), s_rows)
             if n_dev == 1 and len(parts[0]) == size:
                 padded = parts[0][None]  # a full chunk on one device: the read's own rows, no copy
             else:
@@ -171,7 +194,7 @@ class SparseFFN:
         """The residual stream with the FFN over scratch chunks past the first (a surplus larger than
         `scratch_rows`) added to `partial` (stream before the FFN, FFN output so far)."""
         for chunk in chunks[1:]:
-            x, partial = kernels.ffn_step(self.cfg, self.mesh, self.part_slices, post_ffn_norm, partial, h, None, None,
-                                          chunk, expert_weights)
+            x, partial = self.pace(kernels.ffn_step, self.cfg, self.mesh, self.part_slices, post_ffn_norm, partial, h,
+                                   None, None, chunk, expert_weights)
         return x
 
