@@ -305,8 +305,29 @@ def test_settings_from_flags_then_environment():
         settings_from(_parsed("--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"), {})
     with pytest.raises(ValueError, match="HOST:PORT"):
         settings_from(_parsed("--coordinator", "h", "--num-processes", "2", "--process-id", "0"), {})
+    assert s.collective_timeout_s == 600
+    s = settings_from(_parsed("--collective-timeout", "45"), env)
+    assert s.collective_timeout_s == 45
+    with pytest.raises(ValueError, match="--collective-timeout must be at least 1 second"):
+        settings_from(_parsed("--collective-timeout", "0"), env)
     from flashjax.cli import build_parser
     assert settings_from(build_parser().parse_args(["convert", "a", "b"]), env) is None  # runs alone
+
+
+def test_the_engine_process_gets_the_collective_timeout():
+    """A step whose peers never arrive fails after --collective-timeout instead of XLA:CPU's 30
+    minutes: the supervisor puts the flag in the engine's XLA_FLAGS, keeping the user's flags and a
+    timeout the user set there."""
+    from flashjax.distributed import SUPERVISOR_ENV, Settings
+    from flashjax.distributed.supervisor import engine_environment
+
+    settings = Settings("h:1", 2, 0, collective_timeout_s=45)
+    env = engine_environment(settings, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "A": "b"})
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_cpu_collective_timeout_seconds=45"
+    assert env["A"] == "b" and env[SUPERVISOR_ENV] == str(os.getpid())
+    assert engine_environment(settings, {})["XLA_FLAGS"] == "--xla_cpu_collective_timeout_seconds=45"
+    mine = {"XLA_FLAGS": "--xla_cpu_collective_timeout_seconds=7"}
+    assert engine_environment(settings, mine)["XLA_FLAGS"] == "--xla_cpu_collective_timeout_seconds=7"
 
 
 # What JAX's runtime logged in the runs above (trimmed), and what the supervisor makes of it.
@@ -325,6 +346,12 @@ _HEARTBEAT = ("F1202 client.h:80] Terminating process because the JAX distribute
     (1, "F1202 ... absl::Status: DEADLINE_EXCEEDED: Deadline Exceeded\n\nRPC: /xla.coordination."
         "CoordinationService/RegisterTask", "not every process joined the coordinator at h:1 within 120 s"),
     (1, "absl::Status: INVALID_ARGUMENT: Unexpected task registered with task=2", "does not expect process 2"),
+    # Two processes fallen out of step (the deadlock of issue 16, with the pacing turned off and a 20 s
+    # --collective-timeout): the all-reduce gave up waiting.
+    (0, _TABLE + "flashjax: error: INTERNAL: Error dispatching computation: Error dispatching computation: Gloo "
+                 "all-reduce failed: [external/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+                 "20000ms for recv operation to complete", "a step across processes waited 20 s for a peer in vain "
+                                                           "(process 0 of 2 (on host-a))"),
     (0, "Traceback ...\nValueError: something else", None),
 ])
 def test_the_supervisor_names_what_the_runtime_logged(me, log, expect):

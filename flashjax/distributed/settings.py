@@ -10,6 +10,11 @@ ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCE
        "process_id": "JAX_PROCESS_ID"}
 DEFAULT_JOIN_TIMEOUT_S = 120
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30
+# A step across processes waits this long for its peers; then it fails instead of hanging. Peers run the
+# same steps on the same amount of work, so they arrive within a layer's time of each other: only
+# processes that fell out of step, or a stalled one, wait minutes (XLA:CPU's own default is 30 min).
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"
 EXIT_LOST = 3  # a peer was lost, or the processes could not all join
 
 
@@ -24,6 +29,7 @@ class Settings:
     process_id: int
     join_timeout_s: int = DEFAULT_JOIN_TIMEOUT_S
     heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S
+    collective_timeout_s: int = DEFAULT_COLLECTIVE_TIMEOUT_S
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -48,6 +54,9 @@ def add_arguments(p) -> None:
                    help="seconds to wait for the coordinator and for every process to join")
     g.add_argument("--heartbeat-timeout", type=int, default=DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="S",
                    help="a process silent this long counts as lost, and every process stops")
+    g.add_argument("--collective-timeout", type=int, default=DEFAULT_COLLECTIVE_TIMEOUT_S, metavar="S",
+                   help="a step across processes that waits this long for a peer fails, and every process stops "
+                        "(CPU: Gloo's all-reduce; the engine's XLA_FLAGS get " + COLLECTIVE_TIMEOUT_FLAG + ")")
 
 
 def settings_from(args, environ=os.environ) -> Settings | None:
@@ -81,9 +90,9 @@ def settings_from(args, environ=os.environ) -> Settings | None:
         raise ValueError(f"--num-processes must be at least 1, got {n}")
     if not 0 <= i < n:
         raise ValueError(f"--process-id {i} is out of range for --num-processes {n} (0..{n - 1})")
-    if args.join_timeout < 1 or args.heartbeat_timeout < 1:
-        raise ValueError("--join-timeout and --heartbeat-timeout must be at least 1 second")
-    return Settings(coordinator, n, i, args.join_timeout, args.heartbeat_timeout)
+    if args.join_timeout < 1 or args.heartbeat_timeout < 1 or args.collective_timeout < 1:
+        raise ValueError("--join-timeout, --heartbeat-timeout and --collective-timeout must be at least 1 second")
+    return Settings(coordinator, n, i, args.join_timeout, args.heartbeat_timeout, args.collective_timeout)
 
 
 def is_worker(environ=os.environ) -> bool:

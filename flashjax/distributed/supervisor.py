@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from flashjax.distributed.settings import EXIT_LOST, SUPERVISOR_ENV, Settings
+from flashjax.distributed.settings import COLLECTIVE_TIMEOUT_FLAG, EXIT_LOST, SUPERVISOR_ENV, Settings
 
 _FRAME = re.compile(rb"^\s+@\s+0x[0-9a-f]+\s")  # a line of a C++ crash's stack dump: nothing for a user
 
@@ -17,7 +17,7 @@ _FRAME = re.compile(rb"^\s+@\s+0x[0-9a-f]+\s")  # a line of a C++ crash's stack 
 def supervise(argv: list[str], settings: Settings) -> int:
     """Runs `python -m flashjax ARGV` as the engine process, forwarding its output and signals;
     returns its exit status, after one line naming the lost process when the runtime ended it."""
-    env = dict(os.environ, **{SUPERVISOR_ENV: str(os.getpid())})
+    env = engine_environment(settings)
     child = subprocess.Popen([sys.executable, "-m", "flashjax", *argv], env=env, stderr=subprocess.PIPE,
                              start_new_session=True)  # Ctrl-C reaches it once, through us
     forwarded = {}
@@ -69,6 +69,16 @@ def supervise(argv: list[str], settings: Settings) -> int:
     return rc if rc > 0 else 128 - rc
 
 
+def engine_environment(settings: Settings, environ=os.environ) -> dict:
+    """The engine process's environment: ours, marked as supervised, with the collective timeout in
+    XLA_FLAGS (XLA reads it when the engine's backend starts; a value the user set there stays)."""
+    env = dict(environ, **{SUPERVISOR_ENV: str(os.getpid())})
+    flags = env.get("XLA_FLAGS", "")
+    if COLLECTIVE_TIMEOUT_FLAG not in flags:
+        env["XLA_FLAGS"] = f"{flags} {COLLECTIVE_TIMEOUT_FLAG}={settings.collective_timeout_s}".strip()
+    return env
+
+
 def _hosts(log: str) -> dict[int, str]:
     """Process id -> host, from the line every process prints once it has joined."""
     return {int(p): h for p, h in re.findall(r"process (\d+) on (\S+) \(devices", log)}
@@ -111,6 +121,11 @@ def explain(log: str, settings: Settings, rc: int) -> str | None:
     status = re.search(r"JAX distributed service detected fatal errors.*?absl::Status: ([^\n]*)", log, re.S)
     if status:
         return f"the distributed runtime stopped {name(me)}: {status.group(1).strip()}"
+    waited = re.search(r"Gloo [\w-]+ failed: .*Timed out waiting (\d+) ?ms for (recv|send)", log)
+    if waited:
+        return (f"a step across processes waited {int(waited.group(1)) // 1000} s for a peer in vain ({name(me)}): "
+                f"the processes fell out of step or one stalled; every process stops. Raise --collective-timeout "
+                f"only if single steps are that slow")
     if re.search(r"Gloo.*(Connection reset|Connection closed|Read error|Write error)", log):
         return f"a peer process closed its connection mid-step{stopped}"
     return None
