@@ -252,17 +252,18 @@ class FlashRunner:
         if cfg.is_moe:
             self._warm_up_experts(x, positions, cached, chunks, layer0)
             chunks = []  # the whole-layer and selecting steps below are for dense FFNs
+        pace = self.ffn.pace  # these steps run too (collectives across processes): one in flight
         for chunk in chunks:
             for layer_cfg in self.layer_kinds:  # one compile per kind of layer (Gemma's sliding and global)
                 kv = jax.tree.map(jnp.copy, self.kv[0])
-                kernels.layer_step(layer_cfg, self.mesh, self.part_slices, layer0, x, positions, np.int32(0),
-                                   kv, cached, chunk)
+                pace(kernels.layer_step, layer_cfg, self.mesh, self.part_slices, layer0, x, positions, np.int32(0),
+                     kv, cached, chunk)
             # chunks past the first
-            kernels.ffn_step(cfg, self.mesh, self.part_slices, post_norm, (x, so_far), x, None, None, chunk)
+            pace(kernels.ffn_step, cfg, self.mesh, self.part_slices, post_norm, (x, so_far), x, None, None, chunk)
             if self.selector.per_layer:  # attention apart, then the FFN over what the layer's input chose
                 for maybe_cached in ([None] if cached is None else [None, cached]):
-                    kernels.ffn_step(cfg, self.mesh, self.part_slices, post_norm, (x, None), x, b_down, maybe_cached,
-                                     chunk)
+                    pace(kernels.ffn_step, cfg, self.mesh, self.part_slices, post_norm, (x, None), x, b_down,
+                         maybe_cached, chunk)
         if self.selector.per_layer:
             for (select, rule), ahead in self.rules:  # layers' predictors may differ in rank: each shape
                 for layer_cfg in self.layer_kinds:
